@@ -73,12 +73,12 @@ class Quantity(float):
         return {"name": self.name, "value": float(self), "unit": self.unit}
 
     def __repr__(self) -> str:
-        return f"{float(self):.6g} {self.unit}"
+        return f"{float(self):.6g}" if self.unit == "1" else f"{float(self):.6g} {self.unit}"
 
     def __str__(self) -> str:
         v = float(self)
         text = f"{v:.2f}" if 0.01 <= abs(v) < 1e6 else f"{v:.4g}"
-        return f"{text} {self.unit}"
+        return text if self.unit == "1" else f"{text} {self.unit}"
 
     def __format__(self, spec: str) -> str:
         if not spec:

@@ -1,0 +1,165 @@
+"""Natural-language descriptions of ROIs (prompt side) and canonical answer phrases.
+
+Anatomy: ``left hippocampus`` / ``hippocampus on the left`` / ``hippocampal formation (left)``.
+Lesions: a noun (class term, or an ontology parent when it is unambiguous for this case) with
+metadata adjectives as prefix (``left frontal enhancing mass``) or suffix (``mass in the left
+frontal lobe``). With several lesions, adjectives are added until the description singles out
+the target; with one lesion, metadata may be dropped for coarse phrasing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .grammar import pick
+from .terms import (ACUITY_ADJ, ANATOMY, CLASS_NAME, COMPONENT_TERMS, LESION_TERMS, LOBE_ADJ, LOBE_PHRASE,
+                    ONTOLOGY, SIDE_PREFIX, SIDE_SUFFIX, SIGNAL_ADJ)
+
+
+def var_name(text: str) -> str:
+    """A Python identifier from a canonical phrase: ``left hippocampus`` -> ``left_hippocampus``."""
+    v = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return v if v and not v[0].isdigit() else f"roi_{v}"
+
+
+def anatomy_canonical(key: str, side: str | None) -> str:
+    """Canonical phrase, e.g. ``left hippocampus``, ``brainstem``."""
+    term = ANATOMY[key][1][0]
+    return f"{side} {term}" if side else term
+
+
+def describe_anatomy(key: str, side: str | None, rng: np.random.Generator, split: str) -> str:
+    """A prompt phrase for an anatomical ROI."""
+    term = pick(ANATOMY[key][1], rng, split)
+    if side is None:
+        return f"the {term}"
+    form = int(rng.integers(3))
+    if form == 0:
+        return f"the {pick(SIDE_PREFIX[side], rng, split)} {term}"
+    if form == 1:
+        return f"the {term} {pick(SIDE_SUFFIX[side], rng, split)}"
+    return f"the {term} {pick(['on the ' + side, '(' + side + ')', side + '-sided'], rng, split)}"
+
+
+# ------------------------------------------------------------------ lesions
+def _attrs(meta: dict, signal_stem: str | None) -> dict[str, str]:
+    """Describable attributes of a lesion."""
+    a = {}
+    if meta.get("hemisphere") in ("left", "right"):
+        a["side"] = meta["hemisphere"]
+    if meta.get("lobe"):
+        a["lobe"] = meta["lobe"]
+    if signal_stem and meta.get("signal", {}).get(_contrast_key(signal_stem)):
+        a["signal"] = meta["signal"][_contrast_key(signal_stem)]
+    if meta.get("enhancement") is not None:
+        a["enhancing"] = "yes" if meta["enhancement"] else "no"
+    if meta.get("acuity"):
+        a["acuity"] = meta["acuity"]
+    return a
+
+
+def _contrast_key(stem: str) -> str:
+    return {"t1": "t1w", "t2": "t2w"}.get(stem, stem)
+
+
+def _nouns(meta: dict) -> list[str]:
+    return [meta["cls"]] + list(ONTOLOGY.get(meta["cls"], meta.get("ontology", ["lesion"])))
+
+
+def _matches(meta: dict, noun: str, chosen: dict[str, str], signal_stem: str | None) -> bool:
+    if noun not in _nouns(meta):
+        return False
+    attrs = _attrs(meta, signal_stem)
+    return all(attrs.get(k) == v for k, v in chosen.items())
+
+
+def describe_lesion(target: dict, metas: list[dict], rng: np.random.Generator, split: str,
+                    signal_stem: str | None = None, component: str | None = None) -> str | None:
+    """A phrase that singles out ``target`` among ``metas`` (None if impossible).
+
+    Args:
+        signal_stem: the acquisition whose signal adjective may be used (e.g. "flair").
+        component: describe a sub-component of the lesion instead (``enhancing``, ``necrotic``, ...).
+    """
+    nouns = _nouns(target)
+    # parents are usable only when no other lesion shares them, unless attributes disambiguate
+    order = list(rng.permutation(len(nouns)))
+    attrs = _attrs(target, signal_stem)
+    keys = list(rng.permutation(sorted(attrs)))
+    for ni in order:
+        noun = nouns[ni]
+        n_keep = int(rng.integers(0, len(keys) + 1))
+        chosen = {k: attrs[k] for k in keys[:n_keep]}
+        for extra in [None] + keys[n_keep:]:
+            if extra is not None:
+                chosen[extra] = attrs[extra]
+            others = [m for m in metas if m is not target and _matches(m, noun, chosen, signal_stem)]
+            if not others:
+                # 'enhancing' = no is not describable in words we use; drop it
+                if chosen.get("enhancing") == "no":
+                    chosen.pop("enhancing")
+                    if any(_matches(m, noun, chosen, signal_stem) for m in metas if m is not target):
+                        continue
+                return _phrase(noun, chosen, rng, split, signal_stem, component)
+    return None
+
+
+def _phrase(noun: str, chosen: dict, rng, split, signal_stem, component) -> str:
+    term = pick(LESION_TERMS[noun], rng, split)
+    pre, post = [], []
+    if "acuity" in chosen:
+        pre.append(pick(ACUITY_ADJ[chosen["acuity"]], rng, split))
+    if "signal" in chosen:
+        kind = "ct" if signal_stem == "ct" else "mr"
+        pre.append(pick(SIGNAL_ADJ[chosen["signal"]][kind], rng, split))
+    if chosen.get("enhancing") == "yes":
+        pre.append(pick(["enhancing", "contrast-enhancing"], rng, split))
+    side, lobe = chosen.get("side"), chosen.get("lobe")
+    if side or lobe:
+        if rng.random() < 0.5:  # prefix: "left frontal mass"
+            loc = " ".join(x for x in (side, LOBE_ADJ.get(lobe) if lobe else None) if x)
+            pre.insert(0, loc)
+        else:  # suffix: "mass in the left frontal lobe"
+            if lobe:
+                post.append(f"in the {side + ' ' if side else ''}{LOBE_PHRASE[lobe]}")
+            else:
+                post.append(pick(SIDE_SUFFIX[side], rng, split))
+    text = " ".join(pre + [term] + post)
+    if component:
+        comp = pick(COMPONENT_TERMS[component], rng, split)
+        return f"the {comp} of the {text}"
+    return f"the {text}"
+
+
+def location_answer(meta: dict) -> str:
+    """Canonical location: ``left parietal lobe``, ``right thalamus``, ``extra-axial, left frontal lobe``."""
+    side = meta.get("hemisphere")
+    side = "bilateral" if side == "bilateral" else side
+    where = None
+    if meta.get("lobe"):
+        where = LOBE_PHRASE[meta["lobe"]]
+    elif meta.get("deep_structure"):
+        key = re.sub(r"^(Left|Right)-", "", meta["deep_structure"])
+        where = ANATOMY[key][1][0] if key in ANATOMY else key.replace("-", " ").lower()
+    else:
+        where = "hemisphere"
+    text = f"{side} {where}" if side else where
+    loc = meta.get("location")
+    if loc in ("intraventricular", "extra-axial"):
+        text = f"{loc}, {text}"
+    return text
+
+
+def territory_answer(meta: dict) -> str | None:
+    """Canonical vascular territory: ``left MCA territory`` (None if none)."""
+    t = meta.get("territory")
+    if not t:
+        return None
+    side = meta.get("hemisphere")
+    return f"{side} {t} territory" if side in ("left", "right") else f"{t} territory"
+
+
+def class_answer(meta: dict) -> str:
+    return CLASS_NAME.get(meta["cls"], meta["cls"])
