@@ -124,9 +124,17 @@ class Case:
         return self._cache[key]
 
     def present(self, roi: ROI, session: int = 0, min_voxels: int = 8) -> bool:
-        """True when the ROI has at least ``min_voxels`` voxels on every acquisition grid of the session."""
-        for a in self.sessions[session].acquisitions[:1]:
-            m = self.truth(roi, session, a.volume)
-            if m is None or int(m.tensor.sum()) < min_voxels:
-                return False
-        return True
+        """True when the ROI covers at least ``min_voxels`` voxels of the session's coarsest acquisition.
+
+        Judged on the anatomy grid (no resampling), so it is cheap enough to scan every ROI.
+        """
+        key = ("present", roi, session)
+        if key not in self._cache:
+            arr = self.roi_array(roi, session)
+            ses = self.sessions[session]
+            if arr is None:
+                self._cache[key] = 0.0
+            else:
+                self._cache[key] = float(arr.sum()) * ses.anatomy.labels.voxel_volume
+        coarsest = max(a.volume.voxel_volume for a in self.sessions[session].acquisitions)
+        return self._cache[key] >= min_voxels * coarsest

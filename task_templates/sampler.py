@@ -89,8 +89,11 @@ def check(draft: Draft, report) -> None:
 
 
 def sample(case: Case, rng: np.random.Generator, category: str | None = None, split: str = "train",
-           max_tries: int = 30, typos: bool = True) -> Example:
+           max_tries: int = 30, typos: bool = True, execute: bool = True) -> Example:
     """Samples one example of ``category`` (random if None) on ``case``.
+
+    With ``execute=False`` the program is not run (no step outputs, no check): for prompt
+    statistics only.
 
     Raises:
         Skip: when the case cannot support the category after ``max_tries`` attempts.
@@ -105,8 +108,11 @@ def sample(case: Case, rng: np.random.Generator, category: str | None = None, sp
         except Skip as exc:
             last = exc
             continue
-        run = run_program(draft.steps, case, draft.vision_calls)
-        check(draft, run.report)
+        if execute:
+            run = run_program(draft.steps, case, draft.vision_calls)
+            check(draft, run.report)
+        else:
+            run = Run([""] * len(draft.steps), None)
         prompt = typo(draft.prompt, rng) if typos else draft.prompt
         infos = [VolumeInfo(a.name, a.modality, s.date if len(case.sessions) > 1 else s.date, k, a.volume)
                  for k, s in enumerate(case.sessions) for a in s.acquisitions]

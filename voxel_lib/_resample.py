@@ -34,32 +34,42 @@ def resample_to_grid(vol, shape: tuple[int, int, int], affine: torch.Tensor, mod
             arr = work.cpu().numpy()
             arr = np.stack([ndi.gaussian_filter(c, sigma=sigma, mode="nearest") for c in arr])
             work = torch.from_numpy(arr)
-    n_src = torch.tensor(vol.shape, dtype=torch.float64)
-    denom = torch.clamp(n_src - 1, min=1)
+    n_src = np.asarray(vol.shape, dtype=np.float64)
     X, Y, Z = shape
-    per_plane = Y * Z * 3 * 8
+    per_plane = Y * Z * 3 * 4
     slab = max(1, int(_SLAB_BYTES // max(per_plane, 1)))
     out = torch.empty((vol.channels, X, Y, Z), dtype=out_dtype)
-    jj, kk = torch.meshgrid(torch.arange(Y, dtype=torch.float64), torch.arange(Z, dtype=torch.float64),
-                            indexing="ij")
     inp = work.unsqueeze(0).to(torch.float32 if work.dtype != torch.float64 else torch.float64)
+    m_np = m.numpy()
+    # source voxel index -> normalised coordinate (align_corners=True); 1-voxel axes map to 0
+    s_src = np.eye(4)
+    for r in range(3):
+        d = max(n_src[r] - 1, 1.0)
+        s_src[r, r] = 2.0 / d
+        s_src[r, 3] = -1.0 if n_src[r] > 1 else 0.0
+    rev = [2, 1, 0]  # grid_sample's coordinate order is (W, H, D) = (z, y, x)
     for x0 in range(0, X, slab):
         x1 = min(X, x0 + slab)
-        ii = torch.arange(x0, x1, dtype=torch.float64).view(-1, 1, 1).expand(-1, Y, Z)
-        j = jj.unsqueeze(0).expand(x1 - x0, Y, Z)
-        k = kk.unsqueeze(0).expand(x1 - x0, Y, Z)
-        pts = [m[r, 0] * ii + m[r, 1] * j + m[r, 2] * k + m[r, 3] for r in range(3)]
-        valid = None
+        n_tgt = np.array([x1 - x0, Y, Z], dtype=np.float64)
+        # normalised target coordinate -> target voxel index (this slab starts at x0)
+        t_tgt = np.eye(4)
         for r in range(3):
-            if vol.shape[r] == 1:  # grid_sample cannot tell inside from outside on a 1-voxel axis
-                v = pts[r].abs() <= 0.5
-                valid = v if valid is None else valid & v
-        norm = [(2 * pts[r] / denom[r] - 1) for r in range(3)]
-        grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1).unsqueeze(0).to(inp.dtype)
+            t_tgt[r, r] = (n_tgt[r] - 1) / 2.0
+            t_tgt[r, 3] = (n_tgt[r] - 1) / 2.0 + (x0 if r == 0 else 0)
+        theta = (s_src @ m_np @ t_tgt)[:3]
+        theta = theta[rev][:, rev + [3]]
+        grid = F.affine_grid(torch.from_numpy(theta).to(inp.dtype).unsqueeze(0),
+                             [1, 1, x1 - x0, Y, Z], align_corners=True)
         res = F.grid_sample(inp, grid, mode="bilinear" if mode == "linear" else "nearest",
                             padding_mode="zeros", align_corners=True)[0]
-        if valid is not None:
-            res = res * valid.unsqueeze(0).to(res.dtype)
+        if (n_src == 1).any():  # grid_sample cannot tell inside from outside on a 1-voxel axis
+            idx = np.stack(np.meshgrid(np.arange(x0, x1), np.arange(Y), np.arange(Z), indexing="ij"), -1)
+            src_idx = idx @ m_np[:3, :3].T + m_np[:3, 3]
+            valid = np.ones(idx.shape[:3], bool)
+            for r in range(3):
+                if n_src[r] == 1:
+                    valid &= np.abs(src_idx[..., r]) <= 0.5
+            res = res * torch.from_numpy(valid).unsqueeze(0).to(res.dtype)
         if mode == "nearest" and not out_dtype.is_floating_point:
             res = torch.round(res)
         out[:, x0:x1] = res.to(out_dtype)

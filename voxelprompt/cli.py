@@ -123,6 +123,12 @@ def cmd_synth(args) -> int:
     return int(synth_main(args.rest) or 0)
 
 
+def cmd_tasks(args) -> int:
+    """The task catalog: sample, stats, check, corpus (see ``voxelprompt tasks --help``)."""
+    from task_templates.cli import main as tasks_main
+    return int(tasks_main(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voxelprompt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write a synthetic BIDS dataset", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("tasks", help="the task catalog: sample, stats, check, corpus", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_tasks)
 
     b = sub.add_parser("bench", help="benchmarks: " + ", ".join(_BENCHES))
     b.add_argument("name", choices=sorted(_BENCHES))
