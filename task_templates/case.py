@@ -136,5 +136,7 @@ class Case:
                 self._cache[key] = 0.0
             else:
                 self._cache[key] = float(arr.sum()) * ses.anatomy.labels.voxel_volume
-        coarsest = max(a.volume.voxel_volume for a in self.sessions[session].acquisitions)
-        return self._cache[key] >= min_voxels * coarsest
+        ckey = ("coarsest", session)
+        if ckey not in self._cache:
+            self._cache[ckey] = max(a.volume.voxel_volume for a in self.sessions[session].acquisitions)
+        return self._cache[key] >= min_voxels * self._cache[ckey]

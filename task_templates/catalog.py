@@ -218,6 +218,23 @@ class Skip(Exception):
     """This case cannot support the requested task (e.g. no lesion, one session)."""
 
 
+class PromptOnly(Exception):
+    """Raised by :meth:`Builder.prompt` in prompt-only mode, carrying the prompt (for statistics)."""
+
+    def __init__(self, prompt: str):
+        super().__init__(prompt)
+        self.prompt = prompt
+
+
+#: template groups of each category
+TEMPLATE_GROUPS = {c: [c] for c in [
+    "segmentation", "volume", "volume_change", "relative_volume", "extent_change", "center_of_mass",
+    "intensity", "intensity_comparison", "intensity_change", "enhancement", "restriction", "signal",
+    "cropping", "tissue_removal"]}
+TEMPLATE_GROUPS.update({"volume_comparison": ["volume_comparison", "volume_comparison_pair"],
+                        "extent": ["extent", "extent_box"], "location": ["location", "territory"]})
+
+
 @dataclass
 class Draft:
     """A category builder's output before execution."""
@@ -235,8 +252,9 @@ class Draft:
 class Builder:
     """Shared machinery: ROI choice, descriptions, segment calls with truth targets."""
 
-    def __init__(self, case: Case, rng: np.random.Generator, split: str):
+    def __init__(self, case: Case, rng: np.random.Generator, split: str, prompt_only: bool = False):
         self.case, self.rng, self.split = case, rng, split
+        self.prompt_only = prompt_only
         self.calls: list[VisionCall] = []
         self.template_ids: list[str] = []
 
@@ -255,10 +273,16 @@ class Builder:
         i = pool[int(self.rng.integers(len(pool)))]
         self.template_ids.append(f"{category}:{i}")
         self.last_template = i
-        return expand(templates[i], slots, self.rng, self.split)
+        text = expand(templates[i], slots, self.rng, self.split)
+        if self.prompt_only:
+            raise PromptOnly(text)
+        return text
 
     # ---- ROIs
     def anatomy_rois(self, session: int = 0, bilateral_only: bool = False) -> list[ROI]:
+        key = ("anatomy_rois", session, bilateral_only)
+        if key in self.case._cache:
+            return self.case._cache[key]
         out = []
         for key, (bilateral, _) in ANATOMY.items():
             if bilateral_only and not bilateral:
@@ -267,6 +291,7 @@ class Builder:
                 roi = ROI("anatomy", key, side)
                 if self.case.present(roi, session):
                     out.append(roi)
+        self.case._cache[key] = out
         return out
 
     def choose_anatomy(self, session: int = 0, bilateral_only: bool = False) -> ROI:

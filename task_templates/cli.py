@@ -11,18 +11,24 @@ import time
 import numpy as np
 
 from .case import Case
-from .catalog import CATEGORIES, T, Skip
+from .catalog import CATEGORIES, T, TEMPLATE_GROUPS, Skip
 from .grammar import count_forms, heldout_flags
-from .sampler import CheckFailure, sample
+from .sampler import CheckFailure, sample, sample_prompt
 from .terms import ANATOMY, LESION_TERMS
 
 
+#: a rich two-session protocol, so every category (DWI/ADC, T1c, longitudinal) can be sampled
+RICH_PROTOCOL = [["t1w", "t2w", "flair", "t1c", "dwi", "adc"], ["t1w", "t2w", "flair"]]
+
+
 def _cases(seed: int, n: int, sources: list[str], resolution: float = 3.0):
-    """Synthetic cases for sampling (alternating anatomy sources)."""
+    """Synthetic cases for sampling: anatomy sources alternate; every other case has a rich protocol."""
     from synth.subject import generate_subject
     for i in range(n):
         src = sources[i % len(sources)]
-        subj = generate_subject(seed * 1000 + i, anatomy=src, resolution=resolution)
+        rich = (i // len(sources)) % 2 == 0
+        subj = generate_subject(seed * 1000 + i, anatomy=src, resolution=resolution,
+                                protocols=RICH_PROTOCOL if rich else None)
         yield Case.from_subject(subj)
 
 
@@ -98,8 +104,7 @@ def cmd_check(args) -> int:
 def cmd_stats(args) -> int:
     """Templates per task, distinct prompts per task over many samples, ROI terms, token lengths."""
     rng = np.random.default_rng(args.seed)
-    templates = {c: [k for k in T if k == c or k.startswith(c + "_") or (c == "location" and k == "territory")
-                     or (c == "extent" and k == "extent_box")] for c in CATEGORIES}
+    templates = TEMPLATE_GROUPS
     out = {"categories": {}}
     cases = list(_cases(args.seed, args.cases, ["phantom"], 3.0))
     prompts = collections.defaultdict(set)
@@ -110,10 +115,14 @@ def cmd_stats(args) -> int:
         for i in range(per_cat):
             case = cases[i % len(cases)]
             try:
-                ex = sample(case, rng, cat, split="any", execute=False)
+                prompts[cat].add(sample_prompt(case, rng, cat, split="any"))
             except Skip:
                 continue
-            prompts[cat].add(ex.prompt)
+        for i in range(args.programs):  # full examples for lengths
+            try:
+                ex = sample(cases[i % len(cases)], rng, cat, split="any")
+            except Skip:
+                continue
             lengths[cat].append(len(ex.header()) + sum(len(s.code) + len(s.output) for s in ex.steps))
     for cat in CATEGORIES:
         tl = [t for k in templates[cat] for t in T[k]]
@@ -123,6 +132,7 @@ def cmd_stats(args) -> int:
             "template_forms": int(sum(count_forms(t) for t in tl)),
             "distinct_prompts": len(prompts[cat]), "samples": per_cat,
             "chars_median": float(np.median(lengths[cat])) if lengths[cat] else 0.0,
+            "tokens_median": (float(np.median(lengths[cat])) / args.chars_per_token) if lengths[cat] else 0.0,
         }
     out["roi_terms"] = {"anatomy_keys": len(ANATOMY), "anatomy_terms": sum(len(v[1]) for v in ANATOMY.values()),
                         "lesion_terms": sum(len(v) for v in LESION_TERMS.values())}
@@ -130,10 +140,10 @@ def cmd_stats(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'category':<22} {'templates':>9} {'held-out':>8} {'forms':>10} {'distinct':>9} {'chars':>7}")
+    print(f"{'category':<22} {'templates':>9} {'held-out':>8} {'forms':>10} {'distinct':>9} {'chars':>7} {'tokens':>7}")
     for c, r in out["categories"].items():
         print(f"{c:<22} {r['templates']:9d} {r['heldout_templates']:8d} {r['template_forms']:10d} "
-              f"{r['distinct_prompts']:9d} {r['chars_median']:7.0f}")
+              f"{r['distinct_prompts']:9d} {r['chars_median']:7.0f} {r['tokens_median']:7.0f}")
     rt = out["roi_terms"]
     print(f"ROI terms: {rt['anatomy_keys']} anatomical keys with {rt['anatomy_terms']} names; "
           f"{rt['lesion_terms']} lesion terms; {per_cat} samples per category in {out['seconds']:.0f} s")
@@ -169,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stats", help="templates, distinct prompts, ROI terms, lengths")
     st.add_argument("--samples", type=int, default=100_000)
     st.add_argument("--cases", type=int, default=4)
+    st.add_argument("--programs", type=int, default=20, help="full examples per category for lengths")
+    st.add_argument("--chars-per-token", type=float, default=3.5,
+                    help="token estimate until the trained tokenizer ships")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_stats)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import CATEGORIES, T, Skip
+from .catalog import CATEGORIES, T, TEMPLATE_GROUPS, Skip
 from .cli import _cases
 from .grammar import count_forms, heldout_flags
 from .sampler import sample
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     cases = list(_cases(7, 3, ["phantom"], 3.0))
     parts = [INTRO]
     for cat in CATEGORIES:
-        keys = [k for k in T if k == cat or k.startswith(cat + "_") or (cat == "location" and k == "territory")
-                or (cat == "extent" and k == "extent_box")]
+        keys = TEMPLATE_GROUPS[cat]
         n_t = sum(len(T[k]) for k in keys)
         n_h = sum(sum(heldout_flags(T[k])) for k in keys)
         forms = sum(count_forms(t) for k in keys for t in T[k])

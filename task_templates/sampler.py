@@ -22,7 +22,7 @@ import voxel_lib as vl
 
 from .api import OracleBackend, Runtime, strip_mod
 from .case import Case
-from .catalog import BUILDERS, CATEGORIES, Builder, Draft, Skip
+from .catalog import BUILDERS, CATEGORIES, Builder, Draft, PromptOnly, Skip
 from .example import Example, Step, VolumeInfo
 from .grammar import typo
 
@@ -86,6 +86,20 @@ def check(draft: Draft, report) -> None:
             raise CheckFailure(f"output volume {name!r} not reported")
         if not got.same_grid(vol) or not torch.equal(got.tensor, vol.tensor.to(got.tensor.dtype)):
             raise CheckFailure(f"output volume {name!r} differs from the expected one")
+
+
+def sample_prompt(case: Case, rng: np.random.Generator, category: str, split: str = "train",
+                  max_tries: int = 30, typos: bool = True) -> str:
+    """Only the prompt of a sampled example (fast: no truth masks, no program run)."""
+    last = None
+    for _ in range(max_tries):
+        try:
+            BUILDERS[category](Builder(case, rng, split, prompt_only=True))
+        except PromptOnly as p:
+            return typo(p.prompt, rng) if typos else p.prompt
+        except Skip as exc:
+            last = exc
+    raise Skip(f"{category}: {last}")
 
 
 def sample(case: Case, rng: np.random.Generator, category: str | None = None, split: str = "train",
