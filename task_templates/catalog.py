@@ -87,6 +87,10 @@ T["relative_volume"] = [
     "{measure|quantify} {part} as a {percentage|fraction} of {roi}",
     "{relative|fractional} volume of {part} {within|in} {roi}",
     "what share of {roi} does {part} {occupy|take up|account for}?",
+    '{compute|determine} how much of {roi} {consists of|is composed of} {part}',
+    '{percent|percentage} {volume |}of {part} {in|within} {roi}',
+    '{estimate|what is} the {proportion|fraction} {of|that} {part} {makes up of|represents in} {roi}[?]',
+    '{give me|report} the {part_short} {fraction|percentage} of {roi}',
 ]
 T["extent"] = [
     "{what is|what's|compute|measure|determine} the {axis} of {roi}[?]",
@@ -110,6 +114,10 @@ T["extent_change"] = [
     "has the {axis} of {roi} changed? by how much?",
     "{longitudinal|interval} change in {axis} of {roi}",
     "{quantify|report} how the {axis} of {roi} changed",
+    '{did|has} {roi} {grow|expand|shrink} {along|in} {axis}? {quantify|measure} it',
+    '{compute|calculate} the difference in {axis} of {roi} between the {first|earlier} and {last|later} {scan|session}',
+    '{interval|serial} {axis} change {of|for} {roi}',
+    'by how many {mm|millimeters} has the {axis} of {roi} changed?',
 ]
 T["center_of_mass"] = [
     "{locate|find|compute|determine} the {center of mass|centroid|centre of mass} of {roi}",
@@ -118,6 +126,10 @@ T["center_of_mass"] = [
     "{compute|calculate} {roi} {centroid|center of mass} [in world coordinates]",
     "at what {coordinates|position} is the {center|centroid} of {roi}?",
     "{find|get} the {centroid|center of gravity} of {roi}",
+    '{where|at which RAS coordinates} is {roi} centered?',
+    '{compute|derive} the {spatial |}{centroid|barycenter} of {roi}',
+    '{give|report} the {center|centroid} position of {roi} in {mm|millimeters}',
+    '{localize|pinpoint} the {centroid|center of mass} of {roi} in world space',
 ]
 T["intensity"] = [
     "{compute|what is|measure|determine} the mean {signal|intensity|value} of {roi} on {img}[?]",
@@ -126,6 +138,10 @@ T["intensity"] = [
     "{average|mean} {img} {intensity|signal} {in|within} {roi}",
     "{report|give me} the {mean|average} intensity {of|in} {roi} [on {img}]",
     "{what is|measure} the {signal|intensity} {level|value} of {roi} {on|in} {img}[?]",
+    '{what is|compute} the {average|mean} {img} {value|signal} {inside|within} {roi}[?]',
+    '{measure|report} {mean|average} {signal|intensity} {in|of} {roi} {on|from} {the |}{img}',
+    '{quantify|get} the {img} {signal|intensity} of {roi}',
+    '{compute|what is} the {mean|average} {density|attenuation} {in|of} {roi} in {HU|Hounsfield units}[?]',
 ]
 T["intensity_comparison"] = [
     "how {hyperintense|bright|hypointense|dark} is {roi} relative to {roi2}[ on {img}]?",
@@ -134,6 +150,10 @@ T["intensity_comparison"] = [
     "what is the {intensity|signal} ratio of {roi} to {roi2}[ on {img}]?",
     "{quantify|measure} the {signal|intensity} {difference|contrast} between {roi} and {roi2}",
     "how does {roi} compare {to|with} {roi2} in {signal|intensity|brightness}?",
+    '{what is|compute} the {contrast|signal ratio} between {roi} and {roi2}[ on {img}]?',
+    'is {roi} {brighter|darker} than {roi2}[ on {img}]? by how much?',
+    '{compute|derive} {roi} {signal|intensity} relative to {roi2}',
+    '{relative|normalized} {signal|intensity} of {roi} {with respect to|against} {roi2}',
 ]
 T["intensity_change"] = [
     "{determine|compute|quantify} {progressive |}signal {loss|change} of {roi}[ on {img}]",
@@ -142,6 +162,10 @@ T["intensity_change"] = [
     "{compute|measure} the change in mean {img} {signal|intensity} of {roi}",
     "{longitudinal|interval} {signal|intensity} change {of|in} {roi}",
     "what is the change in {brightness|signal intensity} of {roi} over time?",
+    '{compute|quantify} the {interval|longitudinal} {img} signal change {in|of} {roi}',
+    '{did|has} the {mean |}{signal|intensity} of {roi} {drop|decrease|increase|change} over time?',
+    '{report|give me} the change in {average|mean} {signal|intensity} of {roi} between {scans|sessions|visits}',
+    'how much has {roi} {brightened|darkened|changed in signal}[ on {img}]?',
 ]
 T["location"] = [
     "where is {roi}?",
@@ -165,6 +189,10 @@ T["enhancement"] = [
     "{is there|do you see} {enhancement|contrast uptake} {in|of} {roi}?",
     "does {roi} take up contrast?",
     "{evaluate|check} {post-contrast|gadolinium} enhancement of {roi}",
+    '{does|did} {roi} show {contrast |}enhancement?',
+    '{is|was} {roi} {enhancing|bright} on the post-contrast {scan|T1|image}?',
+    '{compare|check} {roi} {before and after|pre and post} contrast',
+    '{any|is there} {gadolinium|contrast} enhancement {in|of} {roi}?',
 ]
 T["restriction"] = [
     "does {roi} restrict diffusion?",
@@ -173,6 +201,10 @@ T["restriction"] = [
     "{is|does} {roi} {diffusion-restricting|show restricted diffusion}?",
     "{characterize|describe} the diffusion {properties|signal} of {roi}",
     "{do the DWI and ADC|does the diffusion imaging} show restriction in {roi}?",
+    '{is|does} {roi} {bright on DWI and dark on ADC|DWI bright with low ADC}?',
+    '{check|assess} {roi} for {low ADC|restricted diffusion}',
+    'does {roi} show {true |}diffusion restriction?',
+    '{evaluate|describe} {roi} on {DWI and ADC|diffusion imaging}',
 ]
 T["signal"] = [
     "{characterize|describe} {the |}signal {properties|characteristics} of {roi}",
@@ -181,6 +213,10 @@ T["signal"] = [
     "is {roi} hyperintense, hypointense or isointense?",
     "how does {roi} appear on {the |}{available |}{sequences|images|scans}?",
     "{describe|report} {roi} signal on each {sequence|image}",
+    '{report|give} the signal {pattern|profile} of {roi}',
+    '{describe|characterize} how {roi} {looks|appears} on each {sequence|contrast}',
+    '{is|how} {roi} {hyper- or hypointense|bright or dark} on the {available |}images?',
+    '{signal|intensity} {characterization|characteristics} of {roi}',
 ]
 T["cropping"] = [
     "crop the {image|scan|volume} {around|to} {roi}",
@@ -189,6 +225,10 @@ T["cropping"] = [
     "{extract|give me} a {crop|cropped volume|sub-volume} around {roi}[ with {margin} mm {margin_word}]",
     "crop the image to {roi}",
     "{restrict|reduce} the field of view to {roi}[ plus {margin} mm]",
+    '{crop|trim} {img} around {roi}[ with {margin} mm {margin_word}]',
+    '{make|create} a {cropped|tight} {image|volume} {around|of} {roi}',
+    '{zoom|crop} {in on|to} {roi}[ leaving {margin} mm]',
+    '{extract|cut out} {roi} {region|area} from {img}[ with {margin} mm {margin_word}]',
 ]
 T["tissue_removal"] = [
     "{remove|strip|erase|mask out} {roi} signal from the {image|scan}",
@@ -197,6 +237,10 @@ T["tissue_removal"] = [
     "{keep only|isolate only|retain only} {roi} {signal|in the image}",
     "{mask|blank} everything except {roi}",
     "{remove|suppress} the signal of {roi}",
+    '{remove|erase|wipe out} {roi} from the {image|scan|volume}',
+    '{set|zero} {roi} {voxels|signal} to zero in {img}',
+    '{mask out|remove} {roi} [signal] {in|from} {img}',
+    '{delete|subtract} {roi} signal',
 ]
 
 AXES = {
@@ -478,7 +522,7 @@ def build_relative_volume(b: Builder) -> Draft:
         pw, vw = b.describe(whole)
         part_phrase = "the " + b.pick(COMPONENT_TERMS[comp])
         vp = f"{comp}_component"
-        prompt = b.prompt("relative_volume", {"roi": pw, "part": part_phrase})
+        prompt = b.prompt("relative_volume", {"roi": pw, "part": part_phrase, "part_short": comp})
         s1 = (f"{b.segment(whole, vw, [0], 0)}\n{b.segment(part, vp, [0], 0)}\n"
               f"whole = vl.volume({vw}, \"mL\")\npart = vl.volume({vp}.masked({vw}), \"mL\")\nprint(whole, part)")
         tw, tp = b.truth(whole), b.truth(part)
@@ -491,7 +535,7 @@ def build_relative_volume(b: Builder) -> Draft:
             raise Skip("structure absent")
         pl, vp = b.describe(roi_l)
         pw, vw = b.describe(struct)
-        prompt = b.prompt("relative_volume", {"roi": pw, "part": pl})
+        prompt = b.prompt("relative_volume", {"roi": pw, "part": pl, "part_short": "lesion"})
         s1 = (f"{b.segment(struct, vw, [0], 0)}\n{b.segment(roi_l, vp, [0], 0)}\n"
               f"whole = vl.volume({vw}, \"mL\")\npart = vl.volume({vp}.masked({vw}), \"mL\")\nprint(whole, part)")
         tw, tp = b.truth(struct), b.truth(roi_l)
@@ -555,8 +599,9 @@ def build_intensity(b: Builder) -> Draft:
     phrase, var = b.describe(roi)
     stem = b.rng.choice(b.case.stems(0))
     a = b.acq(0, stem)
+    mr_ok = [i for i, t in enumerate(T["intensity"]) if "density" not in t and "attenuation" not in t]
     prompt = b.prompt("intensity", {"roi": phrase, "img": b.img_word(stem)},
-                      subset=None if stem == "ct" else [0, 2, 3, 4, 5])
+                      subset=None if stem == "ct" else mr_ok)
     s1 = (f"{b.segment(roi, var, [0], 0)}\nstats = vl.intensity_stats({a.name}, {var}, unit=\"{_unit(stem)}\")\n"
           "print(stats[\"mean\"], stats[\"std\"])")
     s2 = "report(measurements={\"mean intensity\": stats[\"mean\"]})"
