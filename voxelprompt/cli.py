@@ -164,7 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: subcommands with their own argument parsers: everything after the name goes to them
+_PASSTHROUGH = {"synth": "synth.cli", "tasks": "task_templates.cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        sub = argv[1:]
+        if sub[:1] == ["--"]:
+            sub = sub[1:]
+        return int(importlib.import_module(_PASSTHROUGH[argv[0]]).main(sub) or 0)
     args = build_parser().parse_args(argv)
     from voxel_lib.errors import VolumeError
     warnings.simplefilter("default")
