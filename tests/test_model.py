@@ -1,0 +1,268 @@
+"""Tokenizer, token layout, vision network geometry and the joint model (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import voxel_lib as vl
+from task_templates.example import Example, Step, VisionCall, VolumeInfo
+from voxelprompt.configs import get_config
+from voxelprompt.model import (VisionNet, VoxelPrompt, pool_factors, pyramid, resample,
+                               sampling_grid, shared_grid)
+from voxelprompt.sequence import IGNORE, build_sequence, header_ids, output_ids
+from voxelprompt.tokenizer import RECORD_SEP, Tokenizer, corpus_texts
+
+torch.set_num_threads(2)
+
+CODE = '''def f(mask):
+    if vl.volume(mask) > 0:
+\treturn  mask   # tab, two spaces
+    return None
+
+x = segment(t1<MOD>, flair<MOD>)<ENDSTEP>
+print(f"{vl.volume(x).to('mL'):.2f} mL")  \u00e9\u4e2d
+'''
+
+
+def _vol(shape, spacing, rot=(0, 0, 0), center=(0, 0, 0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return vl.Volume(torch.rand(*shape, generator=g), vl.rotation_affine(rot) @ vl.ras_grid(shape, spacing, center))
+
+
+def _example() -> Example:
+    def lesion(v):   # a bright 6 mm sphere on a noisy background
+        return (v.world_coordinates() - torch.tensor([3.0, -2.0, 1.0]).view(3, 1, 1, 1)).norm(dim=0) < 6
+
+    t1 = _vol((12, 14, 10), (2.0, 2.0, 2.0), (0, 0, 8), seed=1)
+    flair = _vol((11, 12, 5), (2.0, 2.2, 4.5), (6, 0, 0), (1, -1, 0), seed=2)
+    t1, flair = (v.new(0.3 * v.tensor + 0.6 * lesion(v)) for v in (t1, flair))
+    truth = t1.new(lesion(t1).to(torch.uint8), kind="label")
+    steps = [
+        Step("mask = segment(t1<MOD>, flair<MOD>)\nprint(f\"{vl.volume(mask).to('mL'):.2f} mL\")",
+             "12.34 mL"),
+        Step("e = encode(t1<MOD>)\nif e.label == 'hyper':\n    print('hyperintense')\nelse:\n    print('other')",
+             "hyperintense"),
+    ]
+    return Example("volume", "What is the volume of the lesion?",
+                   [VolumeInfo("t1", "T1w", "2021-03-01", 0, t1), VolumeInfo("flair", "FLAIR", "2021-03-01", 0, flair)],
+                   steps, [VisionCall("segment", 0, ["t1", "flair"], [truth]), VisionCall("encode", 1, ["t1"])])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    ex = _example()
+    corpus = [ex.header(), CODE] + [s.code for s in ex.steps] + [s.output for s in ex.steps]
+    corpus += [f"x{i} = segment(t{i}<MOD>)\n    print(vl.volume(x{i}))\n" for i in range(50)]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    Tokenizer.train(corpus * 3, path, vocab_size=400, threads=1)
+    return Tokenizer(path)
+
+
+def _model(tok, seed=0, **vision):
+    torch.manual_seed(seed)
+    cfg = get_config("tiny", vocab_size=tok.vocab_size)
+    if vision:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision))
+    return VoxelPrompt(cfg)
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip(tok):
+    ids = tok.encode(CODE)
+    assert tok.decode(ids) == CODE
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mod_id, tok.endstep_id, tok.out_id,
+            tok.stop_id) == tuple(range(8))
+    assert ids.count(tok.mod_id) == 2 and ids.count(tok.endstep_id) == 1
+    assert tok.encode("<OUT><STOP>") == [tok.out_id, tok.stop_id]
+    assert tok.unk_id not in ids                       # byte fallback covers anything
+    assert tok.decode([tok.bos_id, *tok.encode("  a\n"), tok.eos_id]) == "  a\n"
+
+
+def test_corpus_file_and_reload(tok, tmp_path):
+    (tmp_path / "c.txt").write_text(RECORD_SEP.join(["a = 1\n", "  b\n\n", ""]))
+    assert list(corpus_texts(tmp_path / "c.txt")) == ["a = 1\n", "  b\n\n"]
+    tok.save(tmp_path / "t.model")
+    assert Tokenizer(tmp_path / "t.model").encode(CODE) == tok.encode(CODE)
+
+
+# ------------------------------------------------------------------------------------ layout
+def test_sequence_layout(tok):
+    ex = _example()
+    seq = build_sequence(ex, tok)
+    ids = seq.ids.tolist()
+    head = header_ids(tok, ex.header())
+    assert ids[:len(head)] == head and ids[-1] == tok.stop_id
+    assert [ids[p] for p in seq.mod_positions.tolist()] == [tok.mod_id] * 3
+    # targets: exactly the code tokens, <ENDSTEP> and <STOP>
+    code_len = sum(len(tok.encode(s.code)) + 1 for s in ex.steps) + 1
+    assert int((seq.labels != IGNORE).sum()) == code_len
+    tgt = seq.labels[seq.labels != IGNORE].tolist()
+    assert tgt.count(tok.endstep_id) == 2 and tgt[-1] == tok.stop_id and tok.out_id not in tgt
+    # the encode call's ε slot sits right after step 1's <OUT>, followed by its output
+    seg, enc = seq.calls
+    assert seg.kind == "segment" and seg.mods == [0, 1] and enc.mods == [2] and not seg.eps_positions
+    (p,) = enc.eps_positions
+    assert ids[p - 1] == tok.out_id and ids[p] == tok.pad_id
+    assert ids[p + 1:p + 1 + len(output_ids(tok, "hyperintense"))] == output_ids(tok, "hyperintense")
+    assert seq.eps_blocks == [(p, [1])]
+    bad = _example()
+    bad.vision_calls[0].volumes = ["t1"]
+    with pytest.raises(ValueError, match="<MOD>"):
+        build_sequence(bad, tok)
+
+
+# ------------------------------------------------------------------------------ geometry
+def test_pooling_follows_anisotropy():
+    sp = [tuple(round(s, 6) for s in torch.linalg.norm(a[:3, :3], dim=0).tolist())
+          for _, a in pyramid((64, 64, 12), torch.diag(torch.tensor([1.0, 1.0, 5.0, 1.0], dtype=torch.float64)), 5)]
+    assert sp == [(1, 1, 5), (2, 2, 5), (4, 4, 5), (8, 8, 10), (16, 16, 20)]
+    assert pool_factors((1, 1, 1), (4, 4, 1)) == (2, 2, 1)          # never pool a 1-voxel axis
+    assert pool_factors((0.5, 2, 2), (1, 40, 40)) == (1, 2, 2)      # ...nor let it block the others
+
+
+def test_resample_is_world_space():
+    src = _vol((20, 24, 18), (2.0, 1.5, 3.0), (5, 10, -7), (1, 2, 3))
+    dst = _vol((15, 17, 13), (1.7, 1.7, 2.1), (-3, 4, 20))
+    out = resample(src.world_coordinates()[None], src.affine, dst.shape, dst.affine)[0]
+    ijk = torch.as_tensor(src.world_to_voxel(dst.world_coordinates().permute(1, 2, 3, 0).numpy()))
+    inside = ((ijk >= 0) & (ijk <= torch.tensor(src.shape) - 1)).all(-1)
+    assert inside.float().mean() > 0.9
+    assert (out - dst.world_coordinates()).abs().amax(0)[inside].max() < 1e-3
+    _, half = sampling_grid(src.shape, src.affine, dst.shape, dst.affine)
+    assert half[inside].all()
+    shape, aff = shared_grid([src.shape], [src.affine])                # one volume: its own grid
+    assert shape == src.shape and torch.allclose(aff, src.affine, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_unet_shapes_and_geometry(n):
+    torch.manual_seed(0)
+    specs = [((12, 14, 10), (2.0, 2.0, 2.0), (0, 0, 0)), ((16, 15, 4), (1.2, 1.2, 5.0), (10, 0, 5)),
+             ((9, 11, 13), (2.5, 2.0, 2.0), (0, 20, 0)), ((7, 20, 9), (3.0, 1.0, 2.5), (-15, 5, 30)),
+             ((10, 10, 10), (2.2, 2.2, 2.2), (0, 0, 45))]
+    vols = [_vol(s, sp, r, (i, -i, 0), seed=i) for i, (s, sp, r) in enumerate(specs[:n])]
+    net = VisionNet(get_config("tiny").vision, embed_dim=64)
+    phi = torch.randn(n, 32)
+    with torch.no_grad():
+        masks = net(vols, phi)
+        eps = net.encode(vols, phi)
+        segs = net.segment(vols, phi)
+        merged = net.segment(vols, phi, sessions=[0] * n, threshold=0.5)
+    assert [m.shape for m in masks] == [torch.Size(v.shape) for v in vols]
+    assert all(0 <= float(m.min()) and float(m.max()) <= 1 for m in masks)
+    assert eps.shape == (n, 64) and torch.isfinite(eps).all()
+    for s, v in zip(segs, vols):
+        assert s.shape == v.shape and torch.equal(s.affine, v.affine)
+    assert len(merged) == 1 and merged[0].same_grid(vols[0]) and merged[0].is_label
+
+
+def test_degenerate_and_distant_inputs():
+    net = VisionNet(get_config("tiny").vision, embed_dim=64)
+    a = _vol((12, 14, 10), (2.0, 2.0, 2.0))
+    one_slice = _vol((20, 18, 1), (1.5, 1.5, 6.0), (0, 0, 30), seed=1)
+    one_voxel = _vol((1, 1, 1), (3.0, 3.0, 3.0), center=(5, 5, 5), seed=2)
+    far = _vol((12, 14, 10), (2.0, 2.0, 2.0), center=(500, 0, 0), seed=3)
+    with torch.no_grad():
+        outs = net([a, one_slice, one_voxel, far], torch.randn(4, 32))
+    assert [o.shape for o in outs] == [torch.Size(v.shape) for v in (a, one_slice, one_voxel, far)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    shape, _ = shared_grid([a.shape, far.shape], [a.affine, far.affine])   # bounded union
+    assert torch.Size(shape).numel() <= 2 * torch.Size(a.shape).numel()
+
+
+def test_working_resolution_floor():
+    net = VisionNet(dataclasses.replace(get_config("tiny").vision, min_spacing=2.0), embed_dim=64)
+    fine = _vol((24, 20, 8), (1.0, 1.0, 4.0), (0, 10, 0))
+    xs, affs, native = net._prepare([fine], torch.zeros(1, 32))
+    assert tuple(xs[0].shape[2:]) == (12, 10, 8)
+    assert torch.allclose(torch.linalg.norm(affs[0][:3, :3], dim=0), torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64))
+    with torch.no_grad():
+        (mask,) = net([fine], torch.zeros(1, 32))
+    assert mask.shape == fine.shape
+
+
+def test_cross_volume_attention_is_permutation_equivariant():
+    torch.manual_seed(0)
+    vols = [_vol((12, 14, 10), (2.0, 2.0, 2.0), seed=1), _vol((13, 12, 5), (2.0, 2.0, 4.5), (8, 0, 0), seed=2),
+            _vol((10, 11, 12), (2.4, 2.4, 2.0), (0, 0, 15), (2, 1, 0), seed=3)]
+    net = VisionNet(get_config("tiny").vision, embed_dim=64)
+    phi = torch.randn(3, 32)
+    perm = [2, 0, 1]
+    with torch.no_grad():
+        a, ea = net(vols, phi), net.encode(vols, phi)
+        b, eb = net([vols[i] for i in perm], phi[perm]), net.encode([vols[i] for i in perm], phi[perm])
+    for j, i in enumerate(perm):
+        assert torch.allclose(b[j], a[i], atol=1e-5)
+    assert torch.allclose(eb, ea[perm], atol=1e-5)
+    with torch.no_grad():                             # and the volumes really interact
+        c = net(vols, torch.cat([phi[:2], torch.randn(1, 32)]))
+    assert not torch.allclose(c[0], a[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- joint model
+def test_dice_gradient_reaches_language_model(tok):
+    model = _model(tok)
+    out = model.loss(build_sequence(_example(), tok))
+    assert out.n_masks == 1 and out.n_tokens > 0 and torch.isfinite(out.total)
+    model.zero_grad()
+    out.dice.backward(retain_graph=True)
+    lm_grad = model.lm.llama.layers[0].self_attn.q_proj.weight.grad
+    assert lm_grad is not None and lm_grad.abs().sum() > 0
+    assert model.lm.phi_head[0].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    out.ce.backward()                                  # CE reaches the encoder through ε
+    assert model.vision.to_eps.weight.grad.abs().sum() > 0
+    assert model.vision.enc[0].conv.weight.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def overfit(tok):
+    model = _model(tok, seed=1)
+    seq = build_sequence(_example(), tok)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    hist = []
+    for _ in range(30):
+        out = model.loss(seq)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        hist.append((out.ce.item(), out.dice.item()))
+    return model, seq, hist
+
+
+def test_overfit_one_example_drives_both_losses_down(overfit):
+    _, _, hist = overfit
+    (ce0, d0), (ce1, d1) = hist[0], hist[-1]
+    assert ce1 < 0.2 * ce0, hist
+    assert d1 < 0.75 * d0, hist
+
+
+def test_kv_cache_generation_equals_no_cache(overfit, tok):
+    model, seq, _ = overfit
+    ex = _example()
+    runs = []
+    for use_cache in (True, False):
+        state = model.lm.start(use_cache)
+        model.lm.feed(state, header_ids(tok, ex.header()))
+        runs.append(model.generate_step(state, max_tokens=60))
+    (a, b) = runs
+    assert a.ids == b.ids and torch.allclose(a.phi, b.phi, atol=1e-4)
+    # the overfit model writes code with <MOD>s, and φ equals teacher forcing on what it wrote
+    assert a.ids[-1] == tok.endstep_id and not a.stopped and not a.truncated
+    assert tok.decode(a.ids).startswith("mask = segment(t1<MOD>")
+    assert a.phi.shape == (a.ids.count(tok.mod_id), 32)
+    ids = torch.tensor(header_ids(tok, ex.header()) + a.ids)
+    with torch.no_grad():
+        h = model.lm(model.lm.embed(ids)[None])[0]
+    assert torch.allclose(a.phi, model.lm.phi_head(h[ids == tok.mod_id]), atol=1e-4)
+    # a random model that never stops is cut at max_tokens, identically with and without cache
+    rnd = _model(tok, seed=3)
+    outs = []
+    for use_cache in (True, False):
+        state = rnd.lm.start(use_cache)
+        rnd.lm.feed(state, header_ids(tok, ex.header()))
+        outs.append(rnd.generate_step(state, max_tokens=25).ids)
+    assert outs[0] == outs[1]

@@ -1,0 +1,85 @@
+"""Model sizes: the CPU default that ships, the paper's configuration, and a tiny one for tests.
+
+``cpu`` is sized so the whole system (language model + vision network) trains on two CPU cores in
+a few hours and runs a request in seconds; its vision network works on a grid no finer than
+2 mm (``VisionConfig.min_spacing``). ``paper`` is seeds/004 A.1/A.3: a 16-layer LLaMA with
+b = 512, a 32k vocabulary and a six-level 32/96-channel UNet at native resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The language model α (a LLaMA decoder built from config; never downloaded)."""
+
+    vocab_size: int = 3000
+    hidden: int = 256            # b: token embedding size, also the size of ε
+    layers: int = 4
+    heads: int = 8
+    intermediate: int = 704      # SwiGLU hidden size
+    phi_dim: int = 32            # φ channels (linear + SiLU on the hidden state at <MOD>)
+    max_positions: int = 8192
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The native-resolution UNet m with cross-volume attention."""
+
+    levels: int = 4
+    channels: tuple[int, ...] = (16, 32, 32, 32)   # output channels per level (top first)
+    in_channels: int = 1
+    group_size: int = 4           # GroupNorm: channels per group
+    pool_ratio: float = 2.0       # pool an axis only while spacing < pool_ratio x the finest spacing
+    attn_hidden: int = 32         # width of the cross-volume transformer (seeds/004 A.3)
+    attn_heads: int = 4
+    min_spacing: float | None = 2.0   # working-resolution floor (mm); None = native resolution
+    shared_grid_factor: float = 2.0   # shared grid has at most this x the largest volume's voxels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The joint model: α, m and the loss weight λ of the Dice term."""
+
+    name: str = "cpu"
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    dice_weight: float = 0.1      # λ (seeds/004 A.4)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (for checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`."""
+        v = dict(d["vision"])
+        v["channels"] = tuple(v["channels"])
+        return cls(name=d.get("name", "custom"), lm=LMConfig(**d["lm"]), vision=VisionConfig(**v),
+                   dice_weight=d.get("dice_weight", 0.1))
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "cpu": ModelConfig(),
+    "paper": ModelConfig(
+        name="paper",
+        lm=LMConfig(vocab_size=32000, hidden=512, layers=16, heads=32, intermediate=1024),
+        vision=VisionConfig(levels=6, channels=(32, 96, 96, 96, 96, 96), min_spacing=None),
+    ),
+    "tiny": ModelConfig(
+        name="tiny",
+        lm=LMConfig(vocab_size=512, hidden=64, layers=2, heads=4, intermediate=128, max_positions=4096),
+        vision=VisionConfig(levels=3, channels=(4, 8, 8), attn_hidden=8, attn_heads=2, min_spacing=None),
+    ),
+}
+
+
+def get_config(name: str = "cpu", **lm_overrides) -> ModelConfig:
+    """A named configuration; keyword arguments override ``LMConfig`` fields (e.g. ``vocab_size``)."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}")
+    cfg = CONFIGS[name]
+    return replace(cfg, lm=replace(cfg.lm, **lm_overrides)) if lm_overrides else cfg

@@ -1,0 +1,591 @@
+"""VoxelPrompt's networks: the language model α, the vision network m, and the joint model.
+
+Language model (seeds/004 §3.1, A.1): a randomly initialised LLaMA decoder (``transformers``,
+built from a config, never downloaded) fed ``inputs_embeds`` so that image embeddings ε can sit
+in the sequence. A linear token head predicts code; a φ head (linear → SiLU, 32 channels) reads
+the hidden state at every ``<MOD>`` position and conditions the vision network on that volume.
+
+Vision network (A.3): a UNet that runs each volume on its own grid. Voxel→world affines are
+tracked through every level; an axis is max-pooled only while its spacing is below
+``pool_ratio`` × the volume's finest spacing (a 1×1×5 mm volume pools in-plane until the
+spacings even out); the decoder upsamples to the skip's geometry by world-space resampling.
+After every block below the top level, the features of the n volumes are resampled to a shared
+grid, concatenated with each volume's φ, mixed by a one-layer MLP, passed through a transformer
+layer that attends across the volumes at each voxel, resampled back and added (residual). The
+shared grid uses the finest volume's axes, per-axis the finest spacing any volume has along
+them, and covers the union of the fields of view; it is coarsened when it would hold more than
+``shared_grid_factor`` × the largest volume's voxel count. All resampling is ``grid_sample``
+(differentiable). Encoder → global max-pool → linear gives ε ∈ R^{n×b}; the decoder → 1×1×1 conv
+→ sigmoid gives one mask per volume, and masks of one session are max-merged on the grid of that
+session's first volume.
+
+Working-resolution floor: with ``VisionConfig.min_spacing`` set (``cpu``: 2 mm), volumes finer
+than the floor are resampled down (per axis, antialiased) before the network, and the masks are
+resampled back to each volume's native grid. ``paper`` has no floor.
+
+Joint model: :meth:`VoxelPrompt.loss` computes teacher-forced cross-entropy on the targets of a
+:class:`~voxelprompt.sequence.TokenSequence` (code, ``<ENDSTEP>``, ``<STOP>``), splices ε after
+``<OUT>`` for ``encode`` calls, runs every ``segment`` call with its φ and adds λ × soft Dice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model is built from a config: never touch a hub
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache, LlamaConfig, LlamaModel  # noqa: E402
+
+from .configs import LMConfig, ModelConfig, VisionConfig, get_config
+from .sequence import IGNORE, TokenSequence
+from .tokenizer import BOS_ID, ENDSTEP_ID, EOS_ID, MOD_ID, PAD_ID, STOP_ID
+
+_F64 = torch.float64
+_SLAB_VOXELS = 4_000_000  # resample large grids in slabs of this many voxels
+
+
+# =============================================================================== language model
+@dataclass
+class LMState:
+    """Generation state: every input embedding so far, the KV cache and the next-token logits."""
+
+    embeds: torch.Tensor               # (1, L, b)
+    cache: DynamicCache | None
+    logits: torch.Tensor | None = None  # (vocab,) after the last input
+
+
+@dataclass
+class StepOutput:
+    """One generated code step."""
+
+    ids: list[int]           # generated ids, ending with <ENDSTEP> or <STOP> unless truncated
+    phi: torch.Tensor        # (M, phi_dim): φ at each generated <MOD>, in order
+    stopped: bool            # the model emitted <STOP>
+    truncated: bool          # hit max_tokens before <ENDSTEP>/<STOP>
+
+
+class LanguageModel(nn.Module):
+    """α: LLaMA decoder + token head + φ head."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        config = LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+            max_position_embeddings=cfg.max_positions, rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": cfg.rope_theta},
+            tie_word_embeddings=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        self.llama = LlamaModel(config)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.phi_head = nn.Sequential(nn.Linear(cfg.hidden, cfg.phi_dim), nn.SiLU())
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``(..., b)``."""
+        return self.llama.embed_tokens(ids)
+
+    def forward(self, embeds: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Hidden states ``(1, L, b)`` for input embeddings ``(1, L, b)``; extends ``cache`` if given."""
+        return self.llama(inputs_embeds=embeds, cache=cache, use_cache=cache is not None).last_hidden_state
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.llama.config)
+
+    # ------------------------------------------------------------------ generation
+    def start(self, use_cache: bool = True) -> LMState:
+        """An empty generation state (feed the header next)."""
+        p = self.head.weight
+        return LMState(p.new_zeros(1, 0, self.cfg.hidden), self.new_cache() if use_cache else None)
+
+    @torch.no_grad()
+    def feed(self, state: LMState, ids: Sequence[int] | None = None,
+             embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Appends tokens (``ids``) or embeddings (``embeds``, ``(k, b)``: ε) to the state.
+
+        Returns the hidden states ``(1, k, b)`` of the new positions and updates ``state.logits``.
+        """
+        if (ids is None) == (embeds is None):
+            raise ValueError("feed needs exactly one of ids= or embeds=")
+        if ids is not None:
+            e = self.embed(torch.as_tensor(list(ids), dtype=torch.long, device=self.head.weight.device))[None]
+        else:
+            e = embeds.to(self.head.weight)[None]
+        state.embeds = torch.cat([state.embeds, e], 1)
+        if state.cache is not None:
+            h = self(e, state.cache)
+        else:
+            h = self(state.embeds)[:, -e.shape[1]:]
+        state.logits = self.head(h[0, -1])
+        return h
+
+    @torch.no_grad()
+    def generate_step(self, state: LMState, max_tokens: int = 512) -> StepOutput:
+        """Greedily writes one code step; stops after ``<ENDSTEP>`` or ``<STOP>``.
+
+        Every generated token (including the final one) is fed back, so the state is ready for
+        ``<OUT>`` + ε + output tokens. φ is read at each generated ``<MOD>``.
+        """
+        if state.logits is None:
+            raise ValueError("feed the header before generating")
+        ids, phis = [], []
+        for _ in range(max_tokens):
+            tok = int(state.logits.argmax())
+            ids.append(tok)
+            h = self.feed(state, ids=[tok])
+            if tok == MOD_ID:
+                phis.append(self.phi_head(h[0, -1]))
+            if tok in (ENDSTEP_ID, STOP_ID):
+                break
+        phi = torch.stack(phis) if phis else self.head.weight.new_zeros(0, self.cfg.phi_dim)
+        done = bool(ids) and ids[-1] in (ENDSTEP_ID, STOP_ID)
+        return StepOutput(ids, phi, stopped=bool(ids) and ids[-1] == STOP_ID, truncated=not done)
+
+
+# ============================================================================= geometry helpers
+def pool_factors(spacing: Sequence[float], shape: Sequence[int], ratio: float = 2.0) -> tuple[int, int, int]:
+    """Per-axis pooling factor (1 or 2): pool where size > 1 and spacing < ``ratio`` × the finest
+    spacing among the axes longer than one voxel."""
+    live = [s for s, n in zip(spacing, shape) if n > 1]
+    if not live:
+        return (1, 1, 1)
+    fine = min(live)
+    return tuple(2 if (n > 1 and s < ratio * fine - 1e-6) else 1 for s, n in zip(spacing, shape))
+
+
+def _spacing(affine: torch.Tensor) -> tuple[float, float, float]:
+    return tuple(float(s) for s in torch.linalg.norm(affine[:3, :3], dim=0))
+
+
+def pyramid(shape: Sequence[int], affine: torch.Tensor, levels: int, ratio: float = 2.0):
+    """The grids ``[(shape, affine), ...]`` a volume passes through, top level first."""
+    out = [(tuple(int(n) for n in shape), affine.to(_F64))]
+    for _ in range(levels - 1):
+        shp, aff = out[-1]
+        f = pool_factors(_spacing(aff), shp, ratio)
+        t = torch.eye(4, dtype=_F64)
+        for i in range(3):
+            t[i, i], t[i, 3] = f[i], (f[i] - 1) / 2   # new voxel j is centred on old 2j + 0.5
+        out.append((tuple(math.ceil(n / k) for n, k in zip(shp, f)), aff @ t))
+    return out
+
+
+def sampling_grid(src_shape, src_affine, dst_shape, dst_affine, device=None):
+    """``grid_sample`` grid ``(1, X, Y, Z, 3)`` sampling a src grid at dst voxel centres.
+
+    Returns ``(grid, inside)``: normalised coordinates (align_corners=True) and a bool map
+    ``(X, Y, Z)`` of the dst voxels within half a voxel of the src grid.
+    """
+    m = torch.linalg.solve(src_affine.to(_F64), dst_affine.to(_F64)).float().to(device)  # dst -> src voxel
+    idx = m[:3, 3].expand(*dst_shape, 3)
+    for i, n in enumerate(dst_shape):
+        shape = [1, 1, 1, 3]
+        shape[i] = n
+        idx = idx + (torch.arange(n, dtype=torch.float32, device=device)[:, None] * m[:3, i]).view(shape)
+    idx = idx.flip(-1)[None]          # grid_sample orders the axes (Z, Y, X)
+    n = torch.tensor(list(src_shape)[::-1], dtype=torch.float32, device=device)
+    inside = ((idx >= -0.5) & (idx <= n - 0.5)).all(-1)[0]
+    return idx * (2 / (n - 1).clamp(min=1)) - 1, inside
+
+
+def resample(x: torch.Tensor, src_affine, dst_shape, dst_affine, padding: str = "border") -> torch.Tensor:
+    """Trilinear world-space resampling of features ``(1, C, *src)`` onto a dst grid (differentiable).
+
+    Large grids are done in slabs along the first axis to bound the sampling-grid memory.
+    """
+    X, Y, Z = dst_shape
+    step = max(1, _SLAB_VOXELS // (Y * Z))
+    outs = []
+    for x0 in range(0, X, step):
+        x1 = min(X, x0 + step)
+        aff = dst_affine.to(_F64).clone()
+        aff[:3, 3] += aff[:3, 0] * x0
+        g, _ = sampling_grid(x.shape[2:], src_affine, (x1 - x0, Y, Z), aff, x.device)
+        outs.append(F.grid_sample(x, g.to(x.dtype), mode="bilinear", padding_mode=padding, align_corners=True))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def shared_grid(shapes, affines, factor: float = 2.0):
+    """The grid on which n volumes interact: ``(shape, affine)``.
+
+    Axes of the finest volume (chosen independently of the input order); per axis the finest
+    spacing any volume has along it; extent the union of the fields of view (voxel centres);
+    coarsened isotropically to at most ``factor`` × the largest volume's voxel count.
+    """
+    def key(i):
+        a = affines[i]
+        return (round(abs(float(torch.linalg.det(a[:3, :3]))), 6), tuple(round(float(v), 6) for v in a.flatten()))
+
+    ref = affines[min(range(len(affines)), key=key)].to(_F64)
+    axes = ref[:3, :3] / torch.linalg.norm(ref[:3, :3], dim=0)
+    spacing = torch.stack([1 / torch.linalg.norm(torch.linalg.solve(a[:3, :3].to(_F64), axes), dim=0)
+                           for a in affines]).min(0).values
+    corners = []
+    for shp, a in zip(shapes, affines):
+        c = torch.cartesian_prod(*[torch.tensor([0.0, n - 1.0], dtype=_F64) for n in shp])
+        corners.append(c @ a[:3, :3].to(_F64).T + a[:3, 3].to(_F64))
+    q = torch.linalg.solve(axes, torch.cat(corners).T).T            # corners in the frame
+    lo, hi = q.min(0).values, q.max(0).values
+    cap = factor * max(math.prod(s) for s in shapes)
+    while True:
+        shape = tuple(int(math.ceil(float(v) - 1e-4)) + 1 for v in (hi - lo) / spacing)
+        if math.prod(shape) <= cap:
+            break
+        spacing = spacing * max(1.01, (math.prod(shape) / cap) ** (1 / 3))
+    aff = torch.eye(4, dtype=_F64)
+    aff[:3, :3] = axes * spacing
+    aff[:3, 3] = axes @ lo
+    return shape, aff
+
+
+# ============================================================================== vision network
+class ConvBlock(nn.Module):
+    """3³ conv → GroupNorm → SiLU."""
+
+    def __init__(self, cin: int, cout: int, group_size: int):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 3, padding=1)
+        self.norm = nn.GroupNorm(max(1, cout // group_size), cout)
+
+    def forward(self, x):
+        return F.silu(self.norm(self.conv(x)))
+
+
+class CrossVolumeAttention(nn.Module):
+    """Per-voxel conditioning and attention across the n volumes (no order information: equivariant).
+
+    Input ``(V, n, c)`` features, ``(n, d)`` φ and a ``(V, n)`` mask of the volumes covering each
+    voxel; output ``(V, n, c)``.
+    """
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.mix = nn.Linear(channels + cond_dim, channels)      # the single-layer MLP
+        self.norm1 = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * hidden)
+        self.proj = nn.Linear(hidden, channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        V, n, c = x.shape   # mix([x, φ]) without materialising the concatenation at every voxel
+        h = F.silu(x @ self.mix.weight[:, :c].T + F.linear(phi.to(x), self.mix.weight[:, c:], self.mix.bias))
+        q, k, v = self.qkv(self.norm1(h)).view(V, n, 3, self.heads, -1).unbind(2)   # (V, n, H, hd)
+        att = torch.einsum("vihd,vjhd->vhij", q, k) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+        h = h + self.proj(torch.einsum("vhij,vjhd->vihd", att, v).reshape(V, n, -1))
+        return h + self.ff(self.norm2(h))
+
+
+@dataclass
+class _Level:
+    """Geometry of one level for all n volumes, and the grids to and from their shared grid."""
+
+    shapes: list
+    affines: list
+    factors: list = field(default_factory=list)    # pooling into this level
+    to_shared: list = field(default_factory=list)  # grid or None (same grid)
+    back: list = field(default_factory=list)
+    valid: torch.Tensor | None = None               # (V, n)
+    shared_shape: tuple = ()
+
+
+class VisionNet(nn.Module):
+    """m: the native-resolution UNet with cross-volume attention.
+
+    Args:
+        cfg: levels, channels, pooling, attention and working-resolution settings.
+        embed_dim: b, the size of ε.
+        cond_dim: the size of φ.
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, cond_dim: int = 32):
+        super().__init__()
+        if len(cfg.channels) != cfg.levels:
+            raise ValueError(f"channels {cfg.channels} must list one width per level ({cfg.levels})")
+        self.cfg = cfg
+        c, g = cfg.channels, cfg.group_size
+        attn = lambda ch: CrossVolumeAttention(ch, cond_dim, cfg.attn_hidden, cfg.attn_heads)  # noqa: E731
+        self.enc = nn.ModuleList([ConvBlock(cfg.in_channels if l == 0 else c[l - 1], c[l], g)
+                                  for l in range(cfg.levels)])
+        self.enc_attn = nn.ModuleList([attn(c[l]) for l in range(1, cfg.levels)])
+        self.dec = nn.ModuleList([ConvBlock(c[l] + c[l + 1], c[l], g) for l in range(cfg.levels - 1)])
+        self.dec_attn = nn.ModuleList([attn(c[l]) for l in range(1, cfg.levels - 1)])
+        self.out = nn.Conv3d(c[0], 1, 1)
+        nn.init.constant_(self.out.bias, -2.0)   # prior foreground probability ≈ 0.12: masks are sparse
+        self.to_eps = nn.Linear(c[-1], embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.out.weight.device
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, volumes: Sequence, phi: torch.Tensor) -> list[torch.Tensor]:
+        """Soft masks in [0, 1], one ``(X, Y, Z)`` tensor per input on its native grid.
+
+        Args:
+            volumes: n ``voxel_lib.Volume`` s (any shapes, spacings, orientations), intensities in [0, 1].
+            phi: ``(n, cond_dim)`` conditioning, one row per volume.
+        """
+        xs, affs, native = self._prepare(volumes, phi)
+        plan = self._plan([x.shape[2:] for x in xs], affs)
+        skips = self._encode(xs, phi, plan)
+        x = skips[-1]
+        for l in range(self.cfg.levels - 2, -1, -1):
+            lv, up = plan[l], plan[l + 1]
+            x = [self.dec[l](torch.cat([s, _unpool(xi, f, s.shape[2:])], 1))
+                 for s, xi, f in zip(skips[l], x, up.factors)]
+            if l > 0:
+                x = self._interact(self.dec_attn[l - 1], x, phi, lv)
+        outs = []
+        for i, xi in enumerate(x):
+            logit = self.out(xi)
+            shape, aff = native[i]
+            if shape != plan[0].shapes[i] or not torch.allclose(aff, plan[0].affines[i], atol=1e-5):
+                logit = resample(logit, plan[0].affines[i], shape, aff)
+            outs.append(torch.sigmoid(logit[0, 0]))
+        return outs
+
+    def encode(self, volumes: Sequence, phi: torch.Tensor) -> torch.Tensor:
+        """ε ``(n, b)``: encoder → global max-pool → linear, one row per volume."""
+        xs, affs, _ = self._prepare(volumes, phi)
+        plan = self._plan([x.shape[2:] for x in xs], affs)
+        bottom = self._encode(xs, phi, plan)[-1]
+        return self.to_eps(torch.stack([b.amax(dim=(0, 2, 3, 4)) for b in bottom]))
+
+    def segment(self, volumes: Sequence, phi: torch.Tensor, sessions: Sequence[int] | None = None,
+                threshold: float | None = None) -> list:
+        """Masks as ``voxel_lib.Volume`` s, max-merged per session (sorted by session index).
+
+        Each merged mask lies on the grid of its session's first volume. With ``threshold`` the
+        masks are binary label volumes, otherwise soft probabilities.
+        """
+        from voxel_lib import Volume
+        sessions = list(range(len(volumes))) if sessions is None else list(sessions)
+        merged = merge_sessions(self(volumes, phi), [v.shape for v in volumes],
+                                [v.affine for v in volumes], sessions)
+        out = []
+        for m, (_, aff) in merged:
+            m = m.detach().cpu()
+            out.append(Volume((m > threshold).to(torch.uint8), aff, "label") if threshold is not None
+                       else Volume(m.float(), aff, "image"))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, volumes, phi):
+        """Input tensors ``(1, C, X, Y, Z)`` and affines on the working grid, and the native grids."""
+        if not 1 <= len(volumes) == phi.shape[0]:
+            raise ValueError(f"need one φ row per volume: {len(volumes)} volumes, φ {tuple(phi.shape)}")
+        xs, affs, native = [], [], []
+        floor = self.cfg.min_spacing
+        for v in volumes:
+            if v.channels != self.cfg.in_channels:
+                raise ValueError(f"vision network takes {self.cfg.in_channels}-channel volumes, got {v.channels}")
+            native.append((tuple(v.shape), v.affine.to(_F64)))
+            w = v.as_image()
+            if floor is not None and min(v.spacing) < floor - 1e-6:
+                w = w.resample(spacing=[max(s, floor) for s in v.spacing])
+            xs.append(w.tensor.to(self.device, torch.float32)[None])
+            affs.append(w.affine.to(_F64))
+        return xs, affs, native
+
+    def _plan(self, shapes, affines) -> list[_Level]:
+        pyr = [pyramid(s, a, self.cfg.levels, self.cfg.pool_ratio) for s, a in zip(shapes, affines)]
+        plan = []
+        for l in range(self.cfg.levels):
+            lv = _Level([p[l][0] for p in pyr], [p[l][1] for p in pyr])
+            if l > 0:
+                lv.factors = [pool_factors(_spacing(p[l - 1][1]), p[l - 1][0], self.cfg.pool_ratio) for p in pyr]
+                shape, aff = shared_grid(lv.shapes, lv.affines, self.cfg.shared_grid_factor)
+                lv.shared_shape, valid = shape, []
+                for s, a in zip(lv.shapes, lv.affines):
+                    if s == shape and torch.allclose(a, aff, atol=1e-5):
+                        lv.to_shared.append(None)
+                        lv.back.append(None)
+                        valid.append(torch.ones(shape, dtype=torch.bool, device=self.device))
+                    else:
+                        g, inside = sampling_grid(s, a, shape, aff, self.device)
+                        lv.to_shared.append(g)
+                        lv.back.append(sampling_grid(shape, aff, s, a, self.device)[0])
+                        valid.append(inside)
+                valid = torch.stack([v.reshape(-1) for v in valid], 1)
+                valid[~valid.any(1)] = True          # voxels no volume covers: unused, keep finite
+                lv.valid = valid
+            plan.append(lv)
+        return plan
+
+    def _encode(self, xs, phi, plan) -> list[list[torch.Tensor]]:
+        skips = []
+        for l in range(self.cfg.levels):
+            if l > 0:
+                xs = [F.max_pool3d(x, f, f, ceil_mode=True) if f != (1, 1, 1) else x
+                      for x, f in zip(xs, plan[l].factors)]
+            xs = [self.enc[l](x) for x in xs]
+            if l > 0:
+                xs = self._interact(self.enc_attn[l - 1], xs, phi, plan[l])
+            skips.append(xs)
+        return skips
+
+    def _interact(self, attn: CrossVolumeAttention, xs, phi, lv: _Level):
+        """Resample to the shared grid, attend across volumes, resample back, residual."""
+        c = xs[0].shape[1]
+        shared = [x if g is None else F.grid_sample(x, g.to(x.dtype), mode="bilinear", padding_mode="border",
+                                                     align_corners=True)
+                  for x, g in zip(xs, lv.to_shared)]
+        h = attn(torch.stack([s.reshape(c, -1).T for s in shared], 1), phi, lv.valid)   # (V, n, c)
+        out = []
+        for i, (x, g) in enumerate(zip(xs, lv.back)):
+            hi = h[:, i].T.reshape(1, c, *lv.shared_shape)
+            if g is not None:
+                hi = F.grid_sample(hi, g.to(hi.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+            out.append(x + hi)
+        return out
+
+
+def _unpool(x: torch.Tensor, factors, shape) -> torch.Tensor:
+    """Inverse of the pooling step: trilinear upsampling onto the skip's grid.
+
+    Equals world-space resampling between the two tracked affines (pooled voxel j is centred on
+    fine voxel 2j + 0.5, which is ``interpolate``'s half-pixel convention), only faster.
+    """
+    if tuple(factors) == (1, 1, 1):
+        return x
+    up = F.interpolate(x, scale_factor=tuple(float(f) for f in factors), mode="trilinear", align_corners=False)
+    return up[:, :, :shape[0], :shape[1], :shape[2]]
+
+
+def merge_sessions(masks: Sequence[torch.Tensor], shapes, affines, sessions: Sequence[int]):
+    """Max-merges masks of one session on the grid of its first volume.
+
+    Returns ``[(mask, (shape, affine)), ...]`` sorted by session index.
+    """
+    out = []
+    for s in sorted(set(sessions)):
+        idx = [i for i, si in enumerate(sessions) if si == s]
+        r = idx[0]
+        m = masks[r]
+        for j in idx[1:]:
+            mj = masks[j]
+            if tuple(shapes[j]) != tuple(shapes[r]) or not torch.allclose(affines[j], affines[r], atol=1e-5):
+                mj = resample(mj[None, None], affines[j], tuple(shapes[r]), affines[r], padding="zeros")[0, 0]
+            m = torch.maximum(m, mj)
+        out.append((m, (tuple(shapes[r]), affines[r].to(_F64))))
+    return out
+
+
+def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice of a probability map and a (soft) target on the same grid."""
+    inter = (pred * target).sum()
+    return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
+
+
+# ================================================================================= joint model
+@dataclass
+class LossOutput:
+    """The joint loss and its parts."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    dice: torch.Tensor            # mean soft-Dice loss over segment targets (0 if none)
+    n_tokens: int                 # number of CE targets
+    n_masks: int                  # number of Dice targets
+
+
+class VoxelPrompt(nn.Module):
+    """α and m, trained jointly.
+
+    Args:
+        config: a :class:`~voxelprompt.configs.ModelConfig` or the name of one (``"cpu"``, ``"paper"``).
+    """
+
+    def __init__(self, config: ModelConfig | str = "cpu"):
+        super().__init__()
+        self.config = get_config(config) if isinstance(config, str) else config
+        self.lm = LanguageModel(self.config.lm)
+        self.vision = VisionNet(self.config.vision, self.config.lm.hidden, self.config.lm.phi_dim)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts of the language model, the vision network and the total."""
+        lm = sum(p.numel() for p in self.lm.parameters())
+        vis = sum(p.numel() for p in self.vision.parameters())
+        return {"lm": lm, "vision": vis, "total": lm + vis}
+
+    def generate_step(self, state: LMState, max_tokens: int = 512) -> StepOutput:
+        """See :meth:`LanguageModel.generate_step`."""
+        return self.lm.generate_step(state, max_tokens)
+
+    def _call_inputs(self, seq: TokenSequence, call):
+        vols = []
+        for name in call.volumes:
+            v = seq.volumes.get(name)
+            if v is None:
+                raise KeyError(f"vision call argument {name!r} is not an input volume with data; "
+                               f"inputs: {sorted(k for k, x in seq.volumes.items() if x is not None)}")
+            vols.append(v)
+        return vols, [seq.sessions.get(n, 0) for n in call.volumes]
+
+    def loss(self, seq: TokenSequence) -> LossOutput:
+        """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · soft Dice of the segment calls.
+
+        The sequence is run in chunks split at the ε slots of ``encode`` calls: each chunk
+        extends the KV cache, so the φ of a call (read at its ``<MOD>`` s, earlier in the
+        sequence) is known before its ε enter the language model; gradients flow through ε and
+        φ into both networks.
+        """
+        dev = self.vision.device
+        ids = seq.ids.to(dev)
+        emb = self.lm.embed(ids)[None]
+        mods = seq.mod_positions.to(dev)
+        blocks = seq.eps_blocks
+        cache = self.lm.new_cache() if blocks else None
+        bounds = [0] + [p for p, _ in blocks] + [len(seq)]
+        hidden: list[torch.Tensor] = []
+        for k in range(len(bounds) - 1):
+            x = emb[:, bounds[k]:bounds[k + 1]]
+            if k > 0:
+                h = torch.cat(hidden, 1)[0]
+                eps = []
+                for ci in blocks[k - 1][1]:
+                    call = seq.calls[ci]
+                    vols, _ = self._call_inputs(seq, call)
+                    eps.append(self.vision.encode(vols, self.lm.phi_head(h[mods[call.mods]])))
+                eps = torch.cat(eps)[None]
+                x = torch.cat([eps.to(x), x[:, eps.shape[1]:]], 1)
+            hidden.append(self.lm(x, cache))
+        h = torch.cat(hidden, 1)[0]
+        labels = seq.labels.to(dev)
+        ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
+        dices = []
+        for call in seq.calls:
+            if call.kind != "segment" or not call.targets:
+                continue
+            vols, sessions = self._call_inputs(seq, call)
+            phi = self.lm.phi_head(h[mods[call.mods]])
+            merged = merge_sessions(self.vision(vols, phi), [v.shape for v in vols],
+                                    [v.affine for v in vols], sessions)
+            if len(merged) != len(call.targets):
+                raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
+                                 f"{len(call.targets)} targets")
+            for (pred, (shape, aff)), tgt in zip(merged, call.targets):
+                dices.append(soft_dice_loss(pred, _target_on(tgt, shape, aff).to(pred)))
+        dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
+        return LossOutput(ce + self.config.dice_weight * dice, ce, dice,
+                          int((labels != IGNORE).sum()), len(dices))
+
+
+def _target_on(target, shape, affine) -> torch.Tensor:
+    """A truth mask as a float ``(X, Y, Z)`` tensor on the given grid (linear resampling if needed)."""
+    t = target.tensor[:1].float()
+    if target.is_label:
+        t = (t > 0).float()
+    v = target.new(t, kind="image")
+    if tuple(target.shape) != tuple(shape) or not torch.allclose(target.affine, affine.to(_F64), atol=1e-5):
+        v = v.resample(shape=shape, affine=affine, mode="linear", antialias=False)
+    return v.tensor[0]
