@@ -99,6 +99,9 @@ class Case:
         ses = self.sessions[session]
         if roi.kind == "anatomy":
             try:
+                if roi.side == "both":
+                    return (ses.anatomy.structure(structure_name(roi.key, "left"))
+                            | ses.anatomy.structure(structure_name(roi.key, "right")))
                 return ses.anatomy.structure(structure_name(roi.key, roi.side))
             except KeyError:
                 return None

@@ -338,11 +338,17 @@ class Builder:
         self.case._cache[key] = out
         return out
 
-    def choose_anatomy(self, session: int = 0, bilateral_only: bool = False) -> ROI:
+    def choose_anatomy(self, session: int = 0, bilateral_only: bool = False, both_share: float = 0.0) -> ROI:
+        """A random anatomical ROI; with probability ``both_share`` a bilateral one (left + right)."""
         rois = self.anatomy_rois(session, bilateral_only)
         if not rois:
             raise Skip("no anatomical ROI present")
-        return rois[int(self.rng.integers(len(rois)))]
+        roi = rois[int(self.rng.integers(len(rois)))]
+        if both_share and roi.side is not None and self.rng.random() < both_share:
+            other = ROI("anatomy", roi.key, "right" if roi.side == "left" else "left")
+            if other in rois:
+                roi = ROI("anatomy", roi.key, "both")
+        return roi
 
     def lesions(self, session: int = 0, need: Callable[[dict], bool] | None = None) -> list[dict]:
         metas = [l.meta for l in self.case.sessions[session].lesions]
@@ -408,13 +414,13 @@ class Builder:
         acqs = self.case.sessions[session].acquisitions
         return next(x for x in acqs if x.stem == stem) if stem else acqs[0]
 
-    def any_roi(self, session: int = 0, lesion_share: float = 0.5, need=None) -> ROI:
+    def any_roi(self, session: int = 0, lesion_share: float = 0.5, need=None, both_share: float = 0.1) -> ROI:
         if self.case.sessions[session].lesions and self.rng.random() < lesion_share:
             try:
                 return self.choose_lesion(session, need)[0]
             except Skip:
                 pass
-        return self.choose_anatomy(session)
+        return self.choose_anatomy(session, both_share=both_share)
 
     def img_word(self, stem: str) -> str:
         return self.pick(MODALITIES[stem][1])

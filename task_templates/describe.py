@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from .grammar import pick
-from .terms import (ACUITY_ADJ, ANATOMY, CLASS_NAME, COMPONENT_TERMS, LESION_TERMS, LOBE_ADJ, LOBE_PHRASE,
+from .terms import (ACUITY_ADJ, BOTH_SIDES, ANATOMY, CLASS_NAME, COMPONENT_TERMS, LESION_TERMS, LOBE_ADJ, LOBE_PHRASE,
                     ONTOLOGY, SIDE_PREFIX, SIDE_SUFFIX, SIGNAL_ADJ)
 
 
@@ -27,6 +27,8 @@ def var_name(text: str) -> str:
 def anatomy_canonical(key: str, side: str | None) -> str:
     """Canonical phrase, e.g. ``left hippocampus``, ``brainstem``."""
     term = ANATOMY[key][1][0]
+    if side == "both":
+        return f"bilateral {term}"
     return f"{side} {term}" if side else term
 
 
@@ -35,6 +37,8 @@ def describe_anatomy(key: str, side: str | None, rng: np.random.Generator, split
     term = pick(ANATOMY[key][1], rng, split)
     if side is None:
         return f"the {term}"
+    if side == "both":
+        return pick(BOTH_SIDES, rng, split).format(t=term)
     form = int(rng.integers(3))
     if form == 0:
         return f"the {pick(SIDE_PREFIX[side], rng, split)} {term}"

@@ -128,6 +128,21 @@ def count_forms(template: str) -> int:
     return total
 
 
+ABBREV_RATE = 0.03
+
+
+def abbreviate(text: str, rng: np.random.Generator, rate: float = ABBREV_RATE) -> str:
+    """With probability ``rate``, one common abbreviation (left -> lt, hippocampus -> hippo, ...)."""
+    from .terms import ABBREVIATIONS
+    if rng.random() >= rate:
+        return text
+    cands = [w for w in ABBREVIATIONS if re.search(rf"\b{re.escape(w)}\b", text)]
+    if not cands:
+        return text
+    w = cands[int(rng.integers(len(cands)))]
+    return re.sub(rf"\b{re.escape(w)}\b", ABBREVIATIONS[w], text, count=1)
+
+
 def typo(text: str, rng: np.random.Generator, rate: float = TYPO_RATE) -> str:
     """With probability ``rate``, one realistic typo in one longer word (swap, drop or double)."""
     if rng.random() >= rate:

@@ -24,7 +24,7 @@ from .api import OracleBackend, Runtime, strip_mod
 from .case import Case
 from .catalog import BUILDERS, CATEGORIES, Builder, Draft, PromptOnly, Skip
 from .example import Example, Step, VolumeInfo
-from .grammar import typo
+from .grammar import abbreviate, typo
 
 MAX_OUTPUT = 2000
 REL_TOL = 1e-3
@@ -96,7 +96,7 @@ def sample_prompt(case: Case, rng: np.random.Generator, category: str, split: st
         try:
             BUILDERS[category](Builder(case, rng, split, prompt_only=True))
         except PromptOnly as p:
-            return typo(p.prompt, rng) if typos else p.prompt
+            return typo(abbreviate(p.prompt, rng), rng) if typos else p.prompt
         except Skip as exc:
             last = exc
     raise Skip(f"{category}: {last}")
@@ -127,7 +127,7 @@ def sample(case: Case, rng: np.random.Generator, category: str | None = None, sp
             check(draft, run.report)
         else:
             run = Run([""] * len(draft.steps), None)
-        prompt = typo(draft.prompt, rng) if typos else draft.prompt
+        prompt = typo(abbreviate(draft.prompt, rng), rng) if typos else draft.prompt
         infos = [VolumeInfo(a.name, a.modality, s.date if len(case.sessions) > 1 else s.date, k, a.volume)
                  for k, s in enumerate(case.sessions) for a in s.acquisitions]
         meas = {k: {"value": v, "unit": u} for k, (v, u) in draft.measurements.items()}

@@ -68,7 +68,43 @@ ANATOMY: dict[str, tuple[bool, list[str]]] = {
     "ctx-isthmuscingulate": (True, ["isthmus cingulate", "cingulate isthmus", "isthmus of the cingulate gyrus"]),
     "ctx-posteriorcingulate": (True, ["posterior cingulate cortex", "posterior cingulate", "PCC"]),
     "ctx-transversetemporal": (True, ["transverse temporal gyrus", "Heschl's gyrus", "primary auditory cortex"]),
+    "ctx-bankssts": (True, ["banks of the superior temporal sulcus", "STS banks", "superior temporal sulcus banks"]),
+    "ctx-caudalanteriorcingulate": (True, ["caudal anterior cingulate", "caudal ACC", "caudal anterior cingulate cortex"]),
+    "ctx-rostralanteriorcingulate": (True, ["rostral anterior cingulate", "rostral ACC", "rostral anterior cingulate cortex"]),
+    "ctx-caudalmiddlefrontal": (True, ["caudal middle frontal gyrus", "caudal MFG", "posterior middle frontal gyrus"]),
+    "ctx-rostralmiddlefrontal": (True, ["rostral middle frontal gyrus", "rostral MFG", "anterior middle frontal gyrus"]),
+    "ctx-frontalpole": (True, ["frontal pole", "frontopolar cortex", "anterior frontal pole"]),
+    "ctx-parsorbitalis": (True, ["pars orbitalis", "orbital part of the inferior frontal gyrus", "orbital IFG"]),
+    "Angular-Gyrus": (True, ["angular gyrus", "angular cortex", "gyrus angularis"]),
+    "Supplementary-Motor-Cortex": (True, ["supplementary motor area", "SMA", "supplementary motor cortex"]),
+    "Planum-Temporale": (True, ["planum temporale", "temporal plane", "posterior superior temporal plane"]),
+    "Planum-Polare": (True, ["planum polare", "polar plane", "anterior superior temporal plane"]),
+    "Occipital-Pole": (True, ["occipital pole", "occipital polar cortex", "posterior occipital pole"]),
+    "Paracingulate-Gyrus": (True, ["paracingulate gyrus", "paracingulate cortex", "paracingulate region"]),
+    "Frontal-Operculum": (True, ["frontal operculum", "frontal opercular cortex", "opercular frontal region"]),
+    "Parietal-Operculum": (True, ["parietal operculum", "parietal opercular cortex", "opercular parietal region"]),
+    "Central-Operculum": (True, ["central operculum", "central opercular cortex", "rolandic operculum"]),
+    "Subcallosal-Cortex": (True, ["subcallosal cortex", "subcallosal area", "subgenual cortex"]),
+    "Intracalcarine-Cortex": (True, ["intracalcarine cortex", "intracalcarine region", "calcarine sulcus cortex"]),
+    "Supracalcarine-Cortex": (True, ["supracalcarine cortex", "supracalcarine region", "cortex above the calcarine"]),
+    "choroid-plexus": (True, ["choroid plexus", "choroidal plexus", "plexus choroideus"]),
+    "ACA-Territory": (True, ["ACA territory", "anterior cerebral artery territory", "ACA vascular territory"]),
+    "MCA-Territory": (True, ["MCA territory", "middle cerebral artery territory", "MCA vascular territory"]),
+    "PCA-Territory": (True, ["PCA territory", "posterior cerebral artery territory", "PCA vascular territory"]),
     "Brain-Stem": (False, ["brainstem", "brain stem", "truncus cerebri"]),
+    "Optic-Chiasm": (False, ["optic chiasm", "chiasm", "optic chiasma"]),
+    "CC_Anterior": (False, ["genu of the corpus callosum", "callosal genu", "anterior corpus callosum"]),
+    "CC_Posterior": (False, ["splenium of the corpus callosum", "callosal splenium", "posterior corpus callosum"]),
+    "CC_Central": (False, ["body of the corpus callosum", "callosal body (central)", "central corpus callosum"]),
+    "Skull": (False, ["skull", "calvarium", "cranial bone", "bony skull"]),
+    "Dura": (False, ["dura", "dura mater", "dural layer"]),
+    "CSF-ExtraCerebral": (False, ["extra-axial CSF", "subarachnoid CSF", "extracerebral cerebrospinal fluid"]),
+    "Head-ExtraCerebral": (False, ["scalp", "scalp soft tissue", "extracranial soft tissue"]),
+    "Intracranial": (False, ["intracranial space", "intracranial cavity", "skull cavity", "cranial cavity"]),
+    "Cerebral-White-Matter-All": (False, ["cerebral white matter", "all cerebral white matter", "total white matter"]),
+    "Cerebrum-All": (False, ["cerebrum", "both cerebral hemispheres", "telencephalon"]),
+    "Frontal-Lobe-All": (False, ["frontal lobes", "both frontal lobes", "bilateral frontal lobes"]),
+    "Temporal-Lobe-All": (False, ["temporal lobes", "both temporal lobes", "bilateral temporal lobes"]),
     "3rd-Ventricle": (False, ["third ventricle", "3rd ventricle", "ventriculus tertius"]),
     "4th-Ventricle": (False, ["fourth ventricle", "4th ventricle", "ventriculus quartus"]),
     "Corpus-Callosum": (False, ["corpus callosum", "callosal body", "callosum", "callosal commissure"]),
@@ -82,11 +118,15 @@ ANATOMY: dict[str, tuple[bool, list[str]]] = {
 #: How ``Anatomy.structure`` spells a (side, key) pair.
 def structure_name(key: str, side: str | None) -> str:
     """The synth structure name of an anatomy key on a side (``None`` for midline keys)."""
-    special = {"Cerebellum-All": "Cerebellum", "Cerebral-Cortex-All": "Cerebral-Cortex"}
+    special = {"Cerebellum-All": "Cerebellum", "Cerebral-Cortex-All": "Cerebral-Cortex",
+               "Cerebral-White-Matter-All": "Cerebral-White-Matter", "Cerebrum-All": "Cerebrum",
+               "Frontal-Lobe-All": "Frontal-Lobe", "Temporal-Lobe-All": "Temporal-Lobe"}
     if key in special:
         return special[key]
     if side is None:
         return key
+    if side == "both":
+        return f"Bilateral-{key}"
     S = "Left" if side == "left" else "Right"
     if key.startswith("ctx-"):
         return f"ctx-{'lh' if side == 'left' else 'rh'}-{key[4:]}"
@@ -95,11 +135,13 @@ def structure_name(key: str, side: str | None) -> str:
     return f"{S}-{key}"
 
 
-SIDE_WORDS = {
-    "left": ["left", "left-sided", "left side", "lt"],
-    "right": ["right", "right-sided", "right side", "rt"],
-}
 SIDE_PREFIX = {"left": ["left", "left-sided"], "right": ["right", "right-sided"]}
+BOTH_SIDES = ["the left and right {t}", "both {t}", "the bilateral {t}", "the {t} on both sides", "the {t} (left and right)"]
+#: abbreviations users type; applied at a low rate to sampled prompts (grammar.abbreviate)
+ABBREVIATIONS = {"left": "lt", "right": "rt", "hippocampus": "hippo", "ventricle": "vent", "volume": "vol",
+                 "segment": "seg", "segmentation": "seg", "lesion": "lsn", "compute": "calc",
+                 "frontal": "front.", "temporal": "temp.", "white matter": "WM", "gray matter": "GM",
+                 "cerebrospinal fluid": "CSF", "anterior-posterior": "AP", "superior-inferior": "SI"}
 SIDE_SUFFIX = {
     "left": ["on the left", "in the left hemisphere", "(left)", "on the left side"],
     "right": ["on the right", "in the right hemisphere", "(right)", "on the right side"],

@@ -61,6 +61,18 @@ def test_typo_changes_one_word():
     assert grammar.typo(text, rng, rate=0.0) == text
 
 
+def test_abbreviations_and_bilateral_rois(cases):
+    rng = np.random.default_rng(5)
+    assert grammar.abbreviate("segment the left hippocampus", rng, rate=1.0) in {
+        "seg the left hippocampus", "segment the lt hippocampus", "segment the left hippo"}
+    # a bilateral ROI is the union of both sides
+    case = cases[2]  # atlas
+    both = tt.ROI("anatomy", "Hippocampus", "both")
+    left, right = (case.roi_array(tt.ROI("anatomy", "Hippocampus", s), 0) for s in ("left", "right"))
+    assert (case.roi_array(both, 0) == (left | right)).all() and left.any() and right.any()
+    assert both.label == "Bilateral-Hippocampus"
+
+
 def test_descriptions_single_out_the_target():
     metas = [
         {"id": 1, "cls": "glioma", "hemisphere": "left", "lobe": "frontal", "signal": {"flair": "hyper"}, "enhancement": True},
