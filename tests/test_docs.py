@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-RUNNABLE = ["voxel_lib.md"]
+RUNNABLE = ["voxel_lib.md", "synth.md", "synth_images_lesions.md"]
 
 
 def _blocks(name):
