@@ -15,7 +15,7 @@ import numpy as np
 
 from .grammar import pick
 from .terms import (ACUITY_ADJ, BOTH_SIDES, ANATOMY, CLASS_NAME, COMPONENT_TERMS, LESION_TERMS, LOBE_ADJ, LOBE_PHRASE,
-                    ONTOLOGY, SIDE_PREFIX, SIDE_SUFFIX, SIGNAL_ADJ)
+                    SIDE_PREFIX, SIDE_SUFFIX, SIGNAL_ADJ)
 
 
 def var_name(text: str) -> str:
@@ -69,7 +69,7 @@ def _contrast_key(stem: str) -> str:
 
 
 def _nouns(meta: dict) -> list[str]:
-    return [meta["cls"]] + list(ONTOLOGY.get(meta["cls"], meta.get("ontology", ["lesion"])))
+    return [meta["cls"]] + [p for p in meta.get("ontology", ["lesion"]) if p in LESION_TERMS]
 
 
 def _matches(meta: dict, noun: str, chosen: dict[str, str], signal_stem: str | None) -> bool:

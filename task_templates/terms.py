@@ -153,18 +153,9 @@ LOBE_PHRASE = {"frontal": "frontal lobe", "parietal": "parietal lobe", "temporal
                "occipital": "occipital lobe", "insula": "insula", "cingulate": "cingulate gyrus"}
 
 # ------------------------------------------------------------------ lesions
-#: class -> (ontology parents, nearest first), as in synth.lesions.
-ONTOLOGY: dict[str, list[str]] = {
-    "glioma": ["neoplasm", "mass", "lesion"],
-    "meningioma": ["neoplasm", "mass", "lesion"],
-    "metastasis": ["neoplasm", "mass", "lesion"],
-    "edema": ["lesion"],
-    "infarct": ["stroke", "lesion"],
-    "wmh": ["hyperintensity", "lesion"],
-    "hemorrhage": ["bleed", "lesion"],
-    "cyst": ["lesion"],
-    "resection_cavity": ["cavity", "lesion"],
-}
+# The ontology (class -> parents, nearest first: glioma -> neoplasm -> mass -> lesion) travels
+# with each lesion's metadata (``meta["ontology"]``, set by synth.lesions); every class and
+# parent needs an entry in LESION_TERMS below.
 
 #: term -> synonyms (canonical first). Used for classes and ontology parents alike.
 LESION_TERMS: dict[str, list[str]] = {

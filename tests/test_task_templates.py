@@ -74,10 +74,11 @@ def test_abbreviations_and_bilateral_rois(cases):
 
 
 def test_descriptions_single_out_the_target():
+    onto = ["neoplasm", "mass", "lesion"]
     metas = [
-        {"id": 1, "cls": "glioma", "hemisphere": "left", "lobe": "frontal", "signal": {"flair": "hyper"}, "enhancement": True},
-        {"id": 2, "cls": "metastasis", "hemisphere": "left", "lobe": "frontal", "signal": {"flair": "hyper"}, "enhancement": True},
-        {"id": 3, "cls": "glioma", "hemisphere": "right", "lobe": "parietal", "signal": {"flair": "hyper"}, "enhancement": False},
+        {"id": 1, "cls": "glioma", "ontology": onto, "hemisphere": "left", "lobe": "frontal", "signal": {"flair": "hyper"}, "enhancement": True},
+        {"id": 2, "cls": "metastasis", "ontology": onto, "hemisphere": "left", "lobe": "frontal", "signal": {"flair": "hyper"}, "enhancement": True},
+        {"id": 3, "cls": "glioma", "ontology": onto, "hemisphere": "right", "lobe": "parietal", "signal": {"flair": "hyper"}, "enhancement": False},
     ]
     rng = np.random.default_rng(0)
     for target in metas:
@@ -87,6 +88,10 @@ def test_descriptions_single_out_the_target():
             # a shared parent alone ("mass", "tumor", "lesion") is never enough here
             if target["id"] == 1:
                 assert "glioma" in d or "glial" in d or "right" not in d
+    # every synth class and ontology parent has prompt wording
+    from synth.lesion_classes import LESION_CLASSES, ONTOLOGY
+    from task_templates.terms import LESION_TERMS
+    assert all(c in LESION_TERMS and all(p in LESION_TERMS for p in ONTOLOGY[c]) for c in LESION_CLASSES)
     assert location_answer({"hemisphere": "left", "lobe": "parietal", "location": "parenchymal"}) == "left parietal lobe"
     assert location_answer({"hemisphere": "right", "lobe": None, "deep_structure": "Right-Thalamus-Proper",
                             "location": "parenchymal"}) == "right thalamus"
