@@ -69,8 +69,11 @@ def cmd_check(args) -> int:
     sources = ["phantom", "atlas"] if args.anatomy == "both" else [args.anatomy]
     t0 = time.time()
     total = 0
-    n_cases = max(1, -(-args.n // (per_case * len(CATEGORIES))))
-    for case in _cases(args.seed, n_cases, sources, args.resolution):
+    n_cases = 0
+    for case in _cases(args.seed, 10**9, sources, args.resolution):  # until n examples ran
+        if total >= args.n:
+            break
+        n_cases += 1
         for cat in CATEGORIES:
             for _ in range(per_case):
                 if total >= args.n:
