@@ -157,15 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_tasks)
 
+    for name, helptext in (("train", "train the model (see voxelprompt train --help)"),
+                           ("eval", "evaluate a checkpoint: synthetic | real (see voxelprompt eval --help)")):
+        e = sub.add_parser(name, help=helptext, add_help=False)
+        e.add_argument("rest", nargs=argparse.REMAINDER)
+        e.set_defaults(func=lambda a, _m=_PASSTHROUGH[name]: int(importlib.import_module(_m).main(a.rest) or 0))
+
     b = sub.add_parser("bench", help="benchmarks: " + ", ".join(_BENCHES))
     b.add_argument("name", choices=sorted(_BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     b.set_defaults(func=cmd_bench)
+
+    from .cli_agent import register   # ask, replay, serve, batch, demo
+    register(sub)
     return p
 
 
 #: subcommands with their own argument parsers: everything after the name goes to them
-_PASSTHROUGH = {"synth": "synth.cli", "tasks": "task_templates.cli"}
+_PASSTHROUGH = {"synth": "synth.cli", "tasks": "task_templates.cli", "train": "voxelprompt.train",
+                "eval": "voxelprompt.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,14 +25,32 @@ RICH_PROTOCOL = [["t1w", "t2w", "flair", "t1c", "dwi", "adc"], ["t1w", "flair"]]
 class DataConfig:
     """What the generator makes."""
 
-    resolution: float = 2.0            # working grid (mm); the CPU model's floor
+    resolution: float = 2.0            # synthesis grid (mm); training uses the model's floor (cpu: 3 mm)
     atlas_share: float = 0.5           # share of subjects on the real atlas anatomy
     rich_share: float = 0.5            # share of subjects with RICH_PROTOCOL
     examples_per_subject: int = 8
     categories: tuple[str, ...] | None = None   # restrict to these categories
     split: str = "train"               # phrasing split ("train" keeps held-out phrasing out)
     max_acquisitions: int = 4          # per session, to bound a training step's cost
+    rich_max_acquisitions: int | None = None   # cap on RICH_PROTOCOL sessions (None: all 6)
     sparsify_prob: float = 0.5         # seeds/004 B.2 random sparsification
+
+
+def rich_protocol(rng: np.random.Generator, max_acquisitions: int | None = None) -> list[list[str]]:
+    """:data:`RICH_PROTOCOL`, its first session cut to at most ``max_acquisitions`` images.
+
+    The cut keeps T1w and adds random groups of the rest (DWI and ADC travel together, so
+    diffusion tasks stay possible): a 6-volume vision call costs ~8x a 2-volume one on CPU.
+    """
+    if max_acquisitions is None or max_acquisitions >= len(RICH_PROTOCOL[0]):
+        return [list(s) for s in RICH_PROTOCOL]
+    groups = [["t2w"], ["flair"], ["t1c"], ["dwi", "adc"]]
+    first = ["t1w"]
+    for i in rng.permutation(len(groups)):
+        if len(first) + len(groups[i]) <= max_acquisitions:
+            first += groups[i]
+    order = RICH_PROTOCOL[0]
+    return [sorted(first, key=order.index), list(RICH_PROTOCOL[1])]
 
 
 def examples_from_subject(seed: int, cfg: DataConfig) -> list:
@@ -43,8 +61,9 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
     rng = np.random.default_rng(seed)
     anatomy = "atlas" if rng.random() < cfg.atlas_share else "phantom"
     rich = rng.random() < cfg.rich_share
+    protocols = rich_protocol(rng, cfg.rich_max_acquisitions) if rich else None
     subj = generate_subject(int(seed), anatomy=anatomy, resolution=cfg.resolution,
-                            protocols=RICH_PROTOCOL if rich else None,
+                            protocols=protocols,
                             max_acquisitions=cfg.max_acquisitions, sparsify_prob=cfg.sparsify_prob)
     case = Case.from_subject(subj)
     cats = list(cfg.categories or CATEGORIES)
@@ -109,7 +128,12 @@ class ExampleStream:
             while not self._buf:
                 s = int(np.random.SeedSequence([self.seed, 0, self._k]).generate_state(1)[0])
                 self._k += 1
-                self._buf.extend(examples_from_subject(s, self.cfg))
+                try:
+                    self._buf.extend(examples_from_subject(s, self.cfg))
+                except Exception:  # as in the workers: report and go on
+                    self.errors.append(traceback.format_exc())
+                    if len(self.errors) > 100:
+                        raise RuntimeError("data generation keeps failing:\n" + self.errors[-1])
             return self._buf.pop(0)
         while True:
             kind, item = self._q.get()

@@ -19,7 +19,10 @@ them, and covers the union of the fields of view; it is coarsened when it would 
 → sigmoid gives one mask per volume, and masks of one session are max-merged on the grid of that
 session's first volume.
 
-Working-resolution floor: with ``VisionConfig.min_spacing`` set (``cpu``: 2 mm), volumes finer
+Intensities: every input is scaled per volume so its 0.5/99.5 % quantiles map to 0/1
+(:func:`normalize_intensity`), whatever its unit.
+
+Working-resolution floor: with ``VisionConfig.min_spacing`` set (``cpu``: 3 mm), volumes finer
 than the floor are resampled down (per axis, antialiased) before the network, and the masks are
 resampled back to each volume's native grid. ``paper`` has no floor.
 
@@ -331,7 +334,7 @@ class VisionNet(nn.Module):
         """Soft masks in [0, 1], one ``(X, Y, Z)`` tensor per input on its native grid.
 
         Args:
-            volumes: n ``voxel_lib.Volume`` s (any shapes, spacings, orientations), intensities in [0, 1].
+            volumes: n ``voxel_lib.Volume`` s (any shapes, spacings, orientations, intensity units).
             phi: ``(n, cond_dim)`` conditioning, one row per volume.
         """
         xs, affs, native = self._prepare(volumes, phi)
@@ -392,7 +395,7 @@ class VisionNet(nn.Module):
             w = v.as_image()
             if floor is not None and min(v.spacing) < floor - 1e-6:
                 w = w.resample(spacing=[max(s, floor) for s in v.spacing])
-            xs.append(w.tensor.to(self.device, torch.float32)[None])
+            xs.append(normalize_intensity(w.tensor.to(self.device, torch.float32))[None])
             affs.append(w.affine.to(_F64))
         return xs, affs, native
 
@@ -447,6 +450,17 @@ class VisionNet(nn.Module):
                 hi = F.grid_sample(hi, g.to(hi.dtype), mode="bilinear", padding_mode="border", align_corners=True)
             out.append(x + hi)
         return out
+
+
+def normalize_intensity(x: torch.Tensor, lo: float = 0.005, hi: float = 0.995) -> torch.Tensor:
+    """Robust per-volume intensity scaling: the ``lo``/``hi`` quantiles map to 0/1 (clamped to
+    [-0.5, 1.5]), so T1w in a.u., ADC in 10⁻⁶ mm²/s and CT in HU all reach the network alike."""
+    flat = x.reshape(-1)
+    if flat.numel() > 1_000_000:
+        flat = flat[:: math.ceil(flat.numel() / 1_000_000)]
+    q = torch.quantile(flat.float(), torch.tensor([lo, hi], device=x.device))
+    scale = (q[1] - q[0]).clamp(min=1e-6)
+    return ((x - q[0]) / scale).clamp(-0.5, 1.5)
 
 
 def _unpool(x: torch.Tensor, factors, shape) -> torch.Tensor:
@@ -531,8 +545,12 @@ class VoxelPrompt(nn.Module):
             vols.append(v)
         return vols, [seq.sessions.get(n, 0) for n in call.volumes]
 
-    def loss(self, seq: TokenSequence) -> LossOutput:
+    def loss(self, seq: TokenSequence, segment: bool = True) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · soft Dice of the segment calls.
+
+        With ``segment=False`` the segment calls are not run (no Dice term; ``encode`` calls still
+        run, their ε are inputs): the language-model-only step training uses on a share of the
+        examples, since on CPU the vision network costs ~20× the language model.
 
         The sequence is run in chunks split at the ε slots of ``encode`` calls: each chunk
         extends the KV cache, so the φ of a call (read at its ``<MOD>`` s, earlier in the
@@ -564,7 +582,7 @@ class VoxelPrompt(nn.Module):
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
         dices = []
         for call in seq.calls:
-            if call.kind != "segment" or not call.targets:
+            if not segment or call.kind != "segment" or not call.targets:
                 continue
             vols, sessions = self._call_inputs(seq, call)
             phi = self.lm.phi_head(h[mods[call.mods]])
