@@ -108,6 +108,9 @@ _BENCHES = {
     "voxel-lib": "voxel_lib.bench",
     "sandbox": "sandbox.bench",
     "synth": "synth.bench",
+    "native-vs-iso": "voxelprompt.bench_native",
+    "decode": "voxelprompt.bench_decode",
+    "e2e": "voxelprompt.bench_e2e",
 }
 
 

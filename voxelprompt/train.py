@@ -15,7 +15,8 @@ calls, splices the live ε into the sequence. The recorded step outputs are what
 printed with the oracle; this is equivalent to executing the code with the live network except
 that the printed numbers are the truth's rather than the live masks' (teacher forcing).
 
-Optimisation: Adam (lr 1e-4 by default, as in the paper), gradient accumulation over
+Optimisation: Adam (lr 1e-4 by default, as in the paper; ``--vision-lr-mult`` scales the vision
+network's rate), gradient accumulation over
 ``--accum`` examples, gradient clipping, a linear warm-up, and LR halving when the validation
 loss (CE + λ·Dice on a fixed held-out set) has not improved for ``--patience`` evaluations.
 bf16 autocast on CUDA. Checkpoints are written atomically every ``--ckpt-minutes`` (and at the
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up (optimizer steps)")
     p.add_argument("--accum", type=int, default=4, help="examples per optimizer step (gradient accumulation)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--vision-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the vision network (relative to --lr)")
     p.add_argument("--vision-prob", type=float, default=1.0,
                    help="share of examples whose segment calls run (Dice term); the rest train the LM only")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: in-process)")
@@ -226,11 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: model vocabulary {model.config.lm.vocab_size} < tokenizer's {tok.vocab_size}", file=sys.stderr)
         return 2
 
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # two groups, language model first then vision network: the flat parameter order of
+    # model.parameters(), so a single-group optimizer state (older runs) maps onto it by index
+    opt = torch.optim.Adam([{"params": list(model.lm.parameters()), "mult": 1.0},
+                            {"params": list(model.vision.parameters()), "mult": args.vision_lr_mult}], lr=args.lr)
     state = {"step": 0, "examples": 0, "wall_s": 0.0, "lr": args.lr, "best_val": math.inf, "bad_vals": 0,
              "data_round": 0, "skipped": 0, "seed": args.seed, "args": vars(args)}
     if st is not None:
-        opt.load_state_dict(st["optimizer"])
+        osd = st["optimizer"]
+        if len(osd["param_groups"]) != len(opt.param_groups):
+            cur = opt.state_dict()
+            cur["state"] = osd["state"]
+            osd = cur
+        opt.load_state_dict(osd)
+        for g, m in zip(opt.param_groups, (1.0, args.vision_lr_mult)):
+            g["mult"] = m
         _set_rng_state(st["rng"])
         state.update({k: st[k] for k in state if k in st and k != "args"})
         state["data_round"] = int(st.get("data_round", 0)) + 1
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def set_lr(lr):
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("mult", 1.0)
 
     deadline = time.time() + args.max_hours * 3600 if args.max_hours else math.inf
     seed = DATA_SEED_BASE + args.seed * 1000 + state["data_round"]
@@ -309,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 state["wall_s"] = wall0 + (now - start_wall)
                 rec = {"kind": "train", "step": state["step"], "examples": state["examples"],
                        "ce": float(np.mean(ces)), "dice_loss": float(np.mean(dices)) if dices else None,
-                       "lr": opt.param_groups[0]["lr"], "grad_norm": gn, "tokens": n_tok,
+                       "lr": opt.param_groups[0]["lr"], "vision_lr": opt.param_groups[1]["lr"], "grad_norm": gn, "tokens": n_tok,
                        "ex_per_s": n_ok / (now - ts), "wall_s": round(state["wall_s"], 1)}
                 logline(rec)
                 bar.update(1)
