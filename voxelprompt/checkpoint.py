@@ -29,6 +29,7 @@ def save_model(model, path: str | Path, info: dict | None = None) -> Path:
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "config": json.dumps(model.config.to_dict())})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     meta = {"config": model.config.to_dict(), **(info or {})}
     cj = config_path(path)
