@@ -62,6 +62,22 @@ def test_resume_continues(run, tmp_path):
     assert train.main(["--out", str(tmp_path / "none"), "--resume", *ARGS]) == 2
 
 
+def test_init_from_weights_starts_a_fresh_run(run, tmp_path):
+    w0 = checkpoint.load_model(run).state_dict()
+    init, fresh = tmp_path / "init", tmp_path / "fresh"
+    common = ["--max-steps", "1", *ARGS, "--seed", "7"]
+    assert train.main(["--out", str(init), "--init", str(run / "ckpt" / "model.safetensors"), *common]) == 0
+    assert train.main(["--out", str(fresh), *common]) == 0
+    st = torch.load(init / "ckpt" / "state.pt", weights_only=False)
+    assert st["step"] == 1  # a fresh optimizer and counters
+
+    def dist(out):
+        w = checkpoint.load_model(out).state_dict()
+        return sum(float((w0[k] - w[k]).abs().sum()) for k in w0)
+    # one step away from the given weights, far closer than a run from a random init
+    assert 0 < dist(init) < 0.2 * dist(fresh)
+
+
 def test_eval_synthetic_reports_every_metric(run):
     model = checkpoint.load_model(run)
     res = evaluate.eval_synthetic(model, n=2, seed=5, progress=False, resolution=3.0)

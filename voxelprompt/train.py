@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="cpu", help="model config name (cpu, paper, tiny)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start from these model weights (.safetensors) with a fresh optimizer, e.g. the "
+                        "weights committed in training/ when a run's optimizer state is gone")
     p.add_argument("--max-hours", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -218,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import load_model
         model = load_model(ck / "model.safetensors", device).train()
         st = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    elif args.init:
+        from .checkpoint import load_model
+        model = load_model(Path(args.init), device).train()
+        st = None
     else:
         cfg = get_config(args.config)
         if args.vocab_from_tokenizer or cfg.lm.vocab_size < tok.vocab_size:
