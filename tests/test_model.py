@@ -266,3 +266,22 @@ def test_kv_cache_generation_equals_no_cache(overfit, tok):
         rnd.lm.feed(state, header_ids(tok, ex.header()))
         outs.append(rnd.generate_step(state, max_tokens=25).ids)
     assert outs[0] == outs[1]
+
+
+def test_batched_lm_loss_ignores_padding(tok):
+    """The lm stage's right-padded batch gives each token the CE it has alone (no pad leaks in)."""
+    model = _model(tok, seed=2).eval()
+    ex = _example()
+    short = dataclasses.replace(ex, steps=ex.steps[:1], vision_calls=ex.vision_calls[:1])
+    seqs = [build_sequence(ex, tok), build_sequence(short, tok)]
+    assert len(seqs[0]) != len(seqs[1])
+    with torch.no_grad():
+        batched = model.lm_loss(seqs)
+        sums, counts = 0.0, 0
+        for s in seqs:
+            h = model.lm(model.lm.embed(s.ids)[None])[0]
+            keep = s.labels != IGNORE
+            sums += float(torch.nn.functional.cross_entropy(model.lm.head(h[keep]), s.labels[keep], reduction="sum"))
+            counts += int(keep.sum())
+    assert batched.n_tokens == counts and batched.n_masks == 0
+    assert abs(float(batched.ce) - sums / counts) < 1e-4

@@ -78,6 +78,20 @@ def test_init_from_weights_starts_a_fresh_run(run, tmp_path):
     assert 0 < dist(init) < 0.2 * dist(fresh)
 
 
+def test_lm_stage_trains_the_language_model_only(run, tmp_path):
+    """--stage lm: batched CE steps; the vision network is untouched, the language model moves."""
+    w0 = checkpoint.load_model(run).state_dict()
+    out = tmp_path / "lm"
+    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
+                       "--batch", "3", "--max-steps", "2", *ARGS]) == 0
+    w1 = checkpoint.load_model(out).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision."))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm."))
+    tr = [r for r in _records(out) if r["kind"] == "train"]
+    assert [r["step"] for r in tr] == [1, 2] and all(r["dice_loss"] is None for r in tr)
+    assert [r["examples"] for r in tr] == [3, 6]
+
+
 def test_eval_synthetic_reports_every_metric(run):
     model = checkpoint.load_model(run)
     res = evaluate.eval_synthetic(model, n=2, seed=5, progress=False, resolution=3.0)

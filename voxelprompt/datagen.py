@@ -34,6 +34,7 @@ class DataConfig:
     max_acquisitions: int = 4          # per session, to bound a training step's cost
     rich_max_acquisitions: int | None = None   # cap on RICH_PROTOCOL sessions (None: all 6)
     sparsify_prob: float = 0.5         # seeds/004 B.2 random sparsification
+    strict: bool = False               # raise on a failed draw instead of skipping it
 
 
 def rich_protocol(rng: np.random.Generator, max_acquisitions: int | None = None) -> list[list[str]]:
@@ -73,6 +74,10 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
         try:
             out.append(sample(case, rng, cat, split=cfg.split))
         except Skip:
+            continue
+        except Exception:  # noqa: BLE001 - one bad draw (e.g. a mask too small for this grid) must not lose the subject
+            if cfg.strict:
+                raise
             continue
     return out
 

@@ -545,6 +545,28 @@ class VoxelPrompt(nn.Module):
             vols.append(v)
         return vols, [seq.sessions.get(n, 0) for n in call.volumes]
 
+    def lm_loss(self, seqs: Sequence[TokenSequence]) -> LossOutput:
+        """Batched teacher-forced CE of the language model alone (the ``lm`` training stage).
+
+        The sequences are right-padded into one batch (causal attention: no real token sees a pad);
+        no vision call runs, so the ε slots keep the zero embedding of ``<pad>``. Several times
+        faster per example than :meth:`loss` on CPU: it teaches the program grammar, the
+        prompt → structure mapping and when to stop; the ``joint`` stage then teaches φ and ε.
+        """
+        dev = self.lm.head.weight.device
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+        labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s.ids
+            labels[i, :len(s)] = s.labels
+        ids, labels = ids.to(dev), labels.to(dev)
+        h = self.lm(self.lm.embed(ids))
+        keep = labels != IGNORE                 # the token head runs on target positions only
+        ce = F.cross_entropy(self.lm.head(h[keep]), labels[keep])
+        zero = ce.new_zeros(())
+        return LossOutput(ce, ce, zero, int((labels != IGNORE).sum()), 0)
+
     def loss(self, seq: TokenSequence, segment: bool = True) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · soft Dice of the segment calls.
 

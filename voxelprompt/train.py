@@ -24,6 +24,11 @@ end) to ``DIR/ckpt/``: ``model.safetensors`` + ``model.json`` + ``state.pt`` (op
 LR, plateau state, RNG states, data-seed counter); ``--resume`` continues from there. Every
 optimizer step appends a line to ``DIR/metrics.jsonl``; validations add ``"kind": "val"`` lines.
 
+``--stage lm`` trains the language model alone on right-padded batches of ``--batch`` examples
+(:meth:`VoxelPrompt.lm_loss`): no vision call runs and the ε slots stay zero. On two CPU cores it
+sees ~40x more programs per hour than the joint stage; a run goes ``lm`` first (grammar,
+structure names, stopping), then ``joint`` (φ, ε and the masks) with ``--init`` or ``--resume``.
+
 ``--vision-prob p`` runs the segment calls (the Dice term) on a random share p of the examples
 only; the others give the language model a CE-only step (``encode`` calls still run). On two
 CPU cores the vision network costs ~20x the language model per example, so p = 0.3 lets the
@@ -94,14 +99,17 @@ def validation_set(data_cfg: DataConfig, n_subjects: int, cache: Path | None = N
 
 
 @torch.no_grad()
-def validate(model, examples, tok, device) -> dict:
-    """Mean CE (per example), soft-Dice loss and total over a fixed set of examples."""
+def validate(model, examples, tok, device, segment: bool = True) -> dict:
+    """Mean CE (per example), soft-Dice loss and total over a fixed set of examples.
+
+    ``segment=False`` skips the segment calls (no Dice; the total is the CE).
+    """
     model.eval()
     ces, dices, tot, ok = [], [], [], 0
     for ex in examples:
         try:
             with _autocast(device):
-                out = model.loss(build_sequence(ex, tok))
+                out = model.loss(build_sequence(ex, tok), segment=segment)
         except Exception:
             continue
         ok += 1
@@ -168,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up (optimizer steps)")
+    p.add_argument("--stage", default="joint", choices=["joint", "lm"],
+                   help="joint: CE + Dice with the live vision network, one example at a time; lm: batched "
+                        "language-model-only CE (no vision calls, ε slots zero), for fast program learning")
+    p.add_argument("--batch", type=int, default=32, help="examples per optimizer step in the lm stage")
     p.add_argument("--accum", type=int, default=4, help="examples per optimizer step (gradient accumulation)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--vision-lr-mult", type=float, default=1.0,
@@ -289,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(initial=state["step"], total=args.max_steps, desc="train", unit="step", disable=args.quiet,
                mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True)
     stop_reason = "done"
+    pending: list = []              # lm stage: length-bucketed batches waiting to be used
     with ExampleStream(data_cfg, seed=seed, workers=args.workers) as stream:
         try:
             while True:
@@ -302,7 +315,27 @@ def main(argv: list[str] | None = None) -> int:
                 warm = min(1.0, (state["step"] + 1) / max(1, args.warmup))
                 set_lr(state["lr"] * warm)
                 ces, dices, n_ok, n_tok = [], [], 0, 0
-                while n_ok < args.accum:
+                if args.stage == "lm":      # one batched LM-only step over --batch examples
+                    if not pending:         # draw 8 batches' worth, bucket by length (less padding)
+                        pool = []
+                        while len(pool) < 8 * args.batch:
+                            ex = next(stream)
+                            try:
+                                pool.append(build_sequence(ex, tok))
+                            except Exception as exc:  # a malformed example must not stop a run
+                                state["skipped"] += 1
+                                print(f"skipped an example ({ex.category}): {type(exc).__name__}: {exc}",
+                                      file=sys.stderr, flush=True)
+                        pool.sort(key=len)
+                        pending = [pool[i:i + args.batch] for i in range(0, len(pool), args.batch)]
+                        random.shuffle(pending)
+                    seqs = pending.pop()
+                    with _autocast(device):
+                        o = model.lm_loss(seqs)
+                    o.total.backward()
+                    n_ok, n_tok = len(seqs), o.n_tokens
+                    ces.append(float(o.ce.detach()))
+                while args.stage == "joint" and n_ok < args.accum:
                     ex = next(stream)
                     try:
                         seq = build_sequence(ex, tok)
@@ -336,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(ce=f"{rec['ce']:.3f}", dice=f"{rec['dice_loss'] or 0:.3f}",
                                 lr=f"{rec['lr']:.1e}", ex_s=f"{rec['ex_per_s']:.2f}", refresh=False)
                 if val and state["step"] % args.val_every == 0:
-                    v = validate(model, val, tok, device)
+                    v = validate(model, val, tok, device, segment=args.stage == "joint")
                     v.update(kind="val", step=state["step"], examples=state["examples"], lr=state["lr"],
                              wall_s=round(state["wall_s"], 1))
                     if v["loss"] < state["best_val"] * 0.995:
