@@ -137,3 +137,13 @@ def test_plots(run, tmp_path):
     png = tmp_path / "c.png"
     assert main([str(run / "metrics.jsonl"), str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_plots_lay_stages_end_to_end(run, tmp_path):
+    from voxelprompt.plots import _stages, main
+    log = run / "metrics.jsonl"
+    png = tmp_path / "stages.png"
+    assert main([str(log), str(log), str(png)]) == 0 and png.stat().st_size > 1000
+    (_, a, _), (_, b, _) = _stages([log, log])
+    assert [r["x"] for r in a] == [2, 4]            # examples seen, first stage
+    assert [r["x"] for r in b] == [6, 8]            # the second stage continues from there

@@ -1,8 +1,10 @@
 """Learning curves from a training run's ``metrics.jsonl``.
 
-``python -m voxelprompt.plots LOG OUT.png``: three panels against optimizer steps: code-token
-cross-entropy (training, moving average, and validation), soft-Dice loss (same), and the
-learning rate; the top axis is wall-clock hours.
+``python -m voxelprompt.plots LOG [LOG ...] OUT.png``: three panels against training examples
+seen: code-token cross-entropy (training, moving average, and validation), soft-Dice loss (same),
+and the learning rate. Several logs are stages of one model (e.g. a ``joint`` run, then an ``lm``
+stage started from its weights with ``--init``, then ``joint`` again): they are laid end to end on
+the examples axis, with a dashed line at each stage boundary.
 """
 
 from __future__ import annotations
@@ -40,42 +42,75 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def plot(log: str | Path, out: str | Path, title: str | None = None) -> Path:
+def _stages(logs):
+    """Train and validation records of each log, with ``x`` = examples seen over all stages so far."""
+    stages, offset = [], 0
+    for log in logs:
+        train, val = read_log(log)
+        if not train:
+            raise ValueError(f"{log}: no training records")
+        base = offset - (train[0]["examples"] - _per_step(train))   # an --init stage restarts its counter
+        for r in train + val:
+            r["x"] = base + r.get("examples", 0)
+        stages.append((Path(log), train, val))
+        offset = train[-1]["x"]
+    return stages
+
+
+def _per_step(train: list[dict]) -> int:
+    return train[0]["examples"] if train[0]["step"] == 1 else 0
+
+
+def plot(logs, out: str | Path, title: str | None = None) -> Path:
+    """Renders the learning curves of one log (a path) or of consecutive stages (a list of paths)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = read_log(log)
-    if not train:
-        raise ValueError(f"{log}: no training records")
-    steps = np.array([r["step"] for r in train], float)
-    ce = np.array([r["ce"] for r in train], float)
-    dl = np.array([np.nan if r.get("dice_loss") is None else r["dice_loss"] for r in train], float)
-    lr = np.array([r["lr"] for r in train], float)
-    k = max(1, len(train) // 50)
+    logs = [logs] if isinstance(logs, (str, Path)) else list(logs)
+    stages = _stages(logs)
     fig, ax = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    ax[0].plot(steps, ce, color="0.8", lw=0.6, label="train (per step)")
-    ax[0].plot(steps, _smooth(ce, k), color="C0", label=f"train (mean of {k})")
-    if val:
-        ax[0].plot([v["step"] for v in val], [v["ce"] for v in val], "o-", color="C3", label="validation")
+    hours = 0.0
+    for si, (log, train, val) in enumerate(stages):
+        x = np.array([r["x"] for r in train], float)
+        ce = np.array([r["ce"] for r in train], float)
+        dl = np.array([np.nan if r.get("dice_loss") is None else r["dice_loss"] for r in train], float)
+        lr = np.array([r["lr"] for r in train], float)
+        k = max(1, len(train) // 50)
+        first = si == 0
+        ax[0].plot(x, ce, color="0.8", lw=0.6, label="train (per step)" if first else None)
+        ax[0].plot(x, _smooth(ce, k), color="C0", label="train (moving mean)" if first else None)
+        vx = [v["x"] for v in val]
+        if val:
+            ax[0].plot(vx, [v["ce"] for v in val], "o-", color="C3", ms=3, label="validation" if first else None)
+        ok = ~np.isnan(dl)
+        if ok.any():
+            ax[1].plot(x[ok], dl[ok], color="0.8", lw=0.6)
+            ax[1].plot(x[ok], _smooth(dl[ok], k), color="C0", label="train" if first else None)
+        vd = [(a, v["dice_loss"]) for a, v in zip(vx, val) if v.get("dice_loss") is not None
+              and np.isfinite(v["dice_loss"])]
+        if vd:
+            ax[1].plot(*zip(*vd), "o-", color="C3", ms=3, label="validation" if first else None)
+        ax[2].plot(x, lr, color="C2")
+        if si > 0:
+            for a in ax:
+                a.axvline(x[0], color="0.5", ls="--", lw=0.8)
+        ax[0].text(x[0], 1.0, f" {log.parent.name}", transform=ax[0].get_xaxis_transform(), va="top",
+                   fontsize=8, color="0.3")
+        hours += train[-1].get("wall_s", 0) / 3600
     ax[0].set_ylabel("code-token CE (nats)")
     ax[0].set_yscale("log")
-    ax[0].legend()
-    ok = ~np.isnan(dl)
-    ax[1].plot(steps[ok], dl[ok], color="0.8", lw=0.6)
-    ax[1].plot(steps[ok], _smooth(dl[ok], k), color="C0", label="train")
-    if val:
-        ax[1].plot([v["step"] for v in val], [v["dice_loss"] for v in val], "o-", color="C3", label="validation")
+    ax[0].legend(loc="lower left")
     ax[1].set_ylabel("soft-Dice loss (1 − Dice)")
     ax[1].set_ylim(0, 1.02)
-    ax[1].legend()
-    ax[2].plot(steps, lr, color="C2")
+    if ax[1].get_legend_handles_labels()[0]:
+        ax[1].legend(loc="lower left")
     ax[2].set_ylabel("learning rate")
     ax[2].set_yscale("log")
-    ax[2].set_xlabel("optimizer step")
-    hours = train[-1].get("wall_s", 0) / 3600
-    ex = train[-1].get("examples", 0)
-    fig.suptitle(title or f"{Path(log).parent.name}: {int(steps[-1])} steps, {ex} examples, {hours:.2f} h")
+    ax[2].set_xlabel("training examples seen")
+    ex = int(stages[-1][1][-1]["x"])
+    name = " + ".join(log.parent.name for log, _, _ in stages)
+    fig.suptitle(title or f"{name}: {ex} examples, {hours:.2f} h")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,10 +121,10 @@ def plot(log: str | Path, out: str | Path, title: str | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m voxelprompt.plots METRICS.jsonl OUT.png", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: python -m voxelprompt.plots METRICS.jsonl [METRICS.jsonl ...] OUT.png", file=sys.stderr)
         return 2
-    print(plot(argv[0], argv[1]))
+    print(plot(argv[:-1], argv[-1]))
     return 0
 
 
