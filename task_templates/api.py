@@ -13,7 +13,9 @@ Inside the kernel the namespace holds:
   state (prints nothing, returns None);
 - ``report(answer=None, measurements=None, volumes=None)`` — the structured result: answer
   text, measurements (name → :class:`voxel_lib.Quantity`, tuple or dict of them) and output
-  volumes (name → Volume).
+  volumes (name → Volume). When no answer was given and an output mask (a label volume) is
+  empty, the answer is set to :func:`empty_mask_answer` ("not found: ..."), so a target that
+  is not in the images is said so in words.
 
 The implementation of ``segment``/``encode`` is pluggable (:class:`Backend`): the oracle returns
 ground-truth masks, the agent runs the trained network.
@@ -55,6 +57,20 @@ def _plain(v: Any):
     if isinstance(v, (int, float)):
         return float(v), None
     raise TypeError(f"report(): measurement of type {type(v).__name__} is not a number or Quantity")
+
+
+def empty_mask_answer(names: Sequence[str]) -> str:
+    """The answer ``report()`` gives by itself when the reported masks ``names`` are empty."""
+    names = list(names)
+    quoted = ", ".join(repr(str(n)) for n in names)
+    if len(names) == 1:
+        return f"not found: the mask {quoted} is empty"
+    return f"not found: the masks {quoted} are empty"
+
+
+def is_empty_mask(v: vl.Volume) -> bool:
+    """A label volume (mask) without a single nonzero voxel."""
+    return v.kind == "label" and not bool(v.tensor.any())
 
 
 @dataclass
@@ -134,12 +150,19 @@ class Runtime:
             if not isinstance(v, vl.Volume):
                 raise TypeError(f"report(): output volume {name!r} is a {type(v).__name__}, not a Volume")
             self.result.volumes[str(name)] = v
+        empty = [str(k) for k, v in (volumes or {}).items() if is_empty_mask(v)]
+        auto = None
+        if self.result.answer is None and empty:  # nothing found, said in words (deterministic)
+            auto = self.result.answer = empty_mask_answer(empty)
         parts = []
         if answer is not None:
             parts.append(f"answer: {answer}")
         parts += [f"{k} = {self.result.measurements[k]['value']!r} {self.result.measurements[k]['unit'] or ''}".rstrip()
                   for k in (measurements or {})]
-        parts += [f"volume {k}: {v.shape} voxels" for k, v in (volumes or {}).items()]
+        parts += [f"volume {k}: {v.shape} voxels" + (", empty" if str(k) in empty else "")
+                  for k, v in (volumes or {}).items()]
+        if auto is not None:
+            parts.append(f"answer: {auto}")
         print("reported: " + "; ".join(parts))
 
 

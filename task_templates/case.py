@@ -43,8 +43,8 @@ class Session:
 class ROI:
     """What a task refers to: an anatomical structure, a lesion, or a lesion component."""
 
-    kind: str                 # "anatomy", "lesion", "component"
-    key: str                  # anatomy key (terms.ANATOMY) or lesion id
+    kind: str                 # "anatomy", "lesion", "component", "absent" (a lesion the case does not have)
+    key: str                  # anatomy key (terms.ANATOMY), lesion id, or the absent target's noun
     side: str | None = None   # anatomy side
     component: str | None = None
 
@@ -53,6 +53,8 @@ class ROI:
         """A stable identifier for per-structure scores (e.g. ``Left-Hippocampus``, ``lesion:glioma``)."""
         if self.kind == "anatomy":
             return structure_name(self.key, self.side)
+        if self.kind == "absent":
+            return f"absent:{self.key}"
         return f"lesion:{self.key}" + (f":{self.component}" if self.component else "")
 
 
@@ -93,6 +95,46 @@ class Case:
     def stems(self, session: int = 0) -> list[str]:
         return [a.stem for a in self.sessions[session].acquisitions]
 
+    def lesion_sites(self) -> list[tuple[dict, set[str], set[str]]]:
+        """Where every lesion of every session may be: ``(meta, sides, lobes)``, conservatively.
+
+        ``sides`` holds each hemisphere the mask reaches (voxels outside the hemisphere map
+        count by world x against the midline) plus the metadata's; a "bilateral" or unknown
+        hemisphere counts as both. ``lobes`` holds each lobe the mask touches plus the
+        metadata's; a lesion with no lobe in its metadata (deep, extra-axial) counts as
+        reaching every lobe. Used to make sure an absent target's description cannot refer to
+        a lesion the case has (:func:`task_templates.describe.describe_absent`).
+        """
+        if "lesion_sites" in self._cache:
+            return self._cache["lesion_sites"]
+        from synth.lesions import LOBES
+        out = []
+        for ses in self.sessions:
+            anat = ses.anatomy
+            hemi = anat.hemispheres.tensor[0].numpy()
+            lobes = anat.lobes.tensor[0].numpy()
+            for les in ses.lesions:
+                m, meta = np.asarray(les.mask, bool), les.meta
+                sides, lob = set(), set()
+                h = hemi[m]
+                if (h == 1).any():
+                    sides.add("left")
+                if (h == 2).any():
+                    sides.add("right")
+                if (h == 0).any():
+                    x = anat.labels.voxel_to_world(np.argwhere(m & (hemi == 0)).astype(float))[:, 0]
+                    if (x < anat.midline_x).any():
+                        sides.add("left")
+                    if (x >= anat.midline_x).any():
+                        sides.add("right")
+                side = meta.get("hemisphere")
+                sides |= {side} if side in ("left", "right") else {"left", "right"}
+                lob |= {LOBES[int(v)] for v in np.unique(lobes[m]) if int(v) in LOBES}
+                lob |= {meta["lobe"]} if meta.get("lobe") else set(LOBES.values())
+                out.append((meta, sides, lob))
+        self._cache["lesion_sites"] = out
+        return out
+
     # ---------------------------------------------------------------- truth
     def roi_array(self, roi: ROI, session: int) -> np.ndarray | None:
         """Boolean truth mask of an ROI on the session's anatomy grid (None if absent)."""
@@ -105,6 +147,8 @@ class Case:
                 return ses.anatomy.structure(structure_name(roi.key, roi.side))
             except KeyError:
                 return None
+        if roi.kind == "absent":  # a described lesion the case does not have: an empty mask
+            return np.zeros(ses.anatomy.shape, bool)
         les = ses.lesion(roi.key if not roi.key.isdigit() else int(roi.key))
         if les is None:
             return None

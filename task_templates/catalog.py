@@ -15,9 +15,10 @@ import numpy as np
 
 import voxel_lib as vl
 
+from .api import empty_mask_answer
 from .case import ROI, Case
-from .describe import (anatomy_canonical, describe_anatomy, describe_lesion, location_answer,
-                       territory_answer, var_name)
+from .describe import (NOT_FOUND_ANSWER, anatomy_canonical, describe_absent, describe_anatomy, describe_lesion,
+                       location_answer, territory_answer, var_name)
 from .example import MOD, Step, VisionCall
 from .grammar import expand, pick
 from .terms import ANATOMY, COMPONENT_TERMS, MODALITIES
@@ -258,8 +259,26 @@ CATEGORIES = ["segmentation", "volume", "volume_change", "volume_comparison", "r
               "location", "enhancement", "restriction", "signal", "cropping", "tissue_removal"]
 
 
+#: Absent targets (seeds/004: an empty mask when the prompted target is not in the images): the
+#: share of lesion draws, in the builders that support them (segmentation, volume, location and
+#: territory, tissue removal), that describe a lesion the case does not have instead. Its
+#: segment() target is an empty mask, its volume 0 mL, its location answer NOT_FOUND_ANSWER.
+#: Lesion-free cases take part at the same rate (see :meth:`Builder.any_roi`, :meth:`Builder.choose_lesion`).
+ABSENT_PROB = 0.12
+#: share of absent location draws asked as a vascular-territory question
+ABSENT_TERRITORY_SHARE = 0.2
+
+
 class Skip(Exception):
-    """This case cannot support the requested task (e.g. no lesion, one session)."""
+    """This case cannot support the requested task (e.g. no lesion, one session).
+
+    ``final=True``: retrying the category on this case would only bias its draws (a lesion-free
+    case declined the absent-target draw), so the sampler gives up at once.
+    """
+
+    def __init__(self, message: str = "", final: bool = False):
+        super().__init__(message)
+        self.final = final
 
 
 class PromptOnly(Exception):
@@ -301,6 +320,7 @@ class Builder:
         self.prompt_only = prompt_only
         self.calls: list[VisionCall] = []
         self.template_ids: list[str] = []
+        self.absent: dict[ROI, tuple[str, dict]] = {}   # absent ROI -> (phrase, spec)
 
     def pick(self, options):
         return pick(options, self.rng, self.split)
@@ -355,17 +375,41 @@ class Builder:
         return [m for m in metas if (need is None or need(m))
                 and self.case.present(ROI("lesion", str(m["id"])), session)]
 
-    def choose_lesion(self, session: int = 0, need=None) -> tuple[ROI, dict]:
+    def choose_lesion(self, session: int = 0, need=None, absent: bool = False) -> tuple[ROI, dict | None]:
+        """A random present lesion; with ``absent``, an absent target (meta None) with probability ABSENT_PROB.
+
+        With ``absent`` on a case without a suitable lesion, the absent draw is the only option:
+        a declined draw raises a final Skip so that retries do not inflate the absent rate.
+        """
+        if absent and self.rng.random() < ABSENT_PROB:
+            return self.absent_roi(session), None
         cands = self.lesions(session, need)
         if not cands:
-            raise Skip("no suitable lesion")
+            raise Skip("no suitable lesion", final=absent)
         m = cands[int(self.rng.integers(len(cands)))]
         return ROI("lesion", str(m["id"])), m
+
+    def absent_roi(self, session: int = 0, signal_stem: str | None = None) -> ROI:
+        """A lesion the case does not have (in any session), described like a real one.
+
+        The description is checked against every lesion of every session
+        (:func:`task_templates.describe.describe_absent`); :meth:`describe` returns it.
+        """
+        stem = signal_stem or self.rng.choice(self.case.stems(session))
+        got = describe_absent(self.case.lesion_sites(), self.rng, self.split, signal_stem=stem)
+        if got is None:
+            raise Skip("no absent target can be described")
+        phrase, spec = got
+        roi = ROI("absent", spec["noun"])
+        self.absent[roi] = (phrase, spec)
+        return roi
 
     def describe(self, roi: ROI, session: int = 0, signal_stem: str | None = None) -> tuple[str, str]:
         """(prompt phrase, variable name) for an ROI."""
         if roi.kind == "anatomy":
             return describe_anatomy(roi.key, roi.side, self.rng, self.split), var_name(anatomy_canonical(roi.key, roi.side))
+        if roi.kind == "absent":
+            return self.absent[roi][0], "lesion"
         metas = [l.meta for l in self.case.sessions[session].lesions]
         target = next(m for m in metas if str(m["id"]) == roi.key)
         stem = signal_stem or self.rng.choice(self.case.stems(session))
@@ -391,7 +435,7 @@ class Builder:
             names += n
             first = next(x for x in self.case.sessions[s].acquisitions if x.name == n[0])
             t = self.case.truth(roi, s, first.volume)
-            if t is None or int(t.tensor.sum()) == 0:
+            if roi.kind != "absent" and (t is None or int(t.tensor.sum()) == 0):
                 raise Skip(f"{roi.label} absent in session {s}")
             targets.append(t)
         self.calls.append(VisionCall("segment", step, names, targets, roi.label))
@@ -414,13 +458,31 @@ class Builder:
         acqs = self.case.sessions[session].acquisitions
         return next(x for x in acqs if x.stem == stem) if stem else acqs[0]
 
-    def any_roi(self, session: int = 0, lesion_share: float = 0.5, need=None, both_share: float = 0.1) -> ROI:
-        if self.case.sessions[session].lesions and self.rng.random() < lesion_share:
-            try:
-                return self.choose_lesion(session, need)[0]
-            except Skip:
-                pass
+    def any_roi(self, session: int = 0, lesion_share: float = 0.5, need=None, both_share: float = 0.1,
+                absent: bool = False) -> ROI:
+        """A lesion with probability ``lesion_share``, else anatomy.
+
+        With ``absent``, a lesion draw is an absent target with probability ABSENT_PROB, on
+        lesion-free cases too (where the other lesion draws fall back to anatomy, as before).
+        """
+        if (self.case.sessions[session].lesions or absent) and self.rng.random() < lesion_share:
+            if absent and self.rng.random() < ABSENT_PROB:
+                try:
+                    return self.absent_roi(session)
+                except Skip:
+                    pass
+            if self.case.sessions[session].lesions:
+                try:
+                    return self.choose_lesion(session, need)[0]
+                except Skip:
+                    pass
         return self.choose_anatomy(session, both_share=both_share)
+
+    def absent_meta(self) -> dict:
+        """Draft meta describing the absent targets of this draft (empty when there are none)."""
+        if not self.absent:
+            return {}
+        return {"absent": [dict(spec, phrase=phrase) for phrase, spec in self.absent.values()]}
 
     def img_word(self, stem: str) -> str:
         return self.pick(MODALITIES[stem][1])
@@ -440,21 +502,25 @@ def _need_sessions(b: Builder):
 
 # ----------------------------------------------------------------------------- builders
 def build_segmentation(b: Builder) -> Draft:
-    roi = b.any_roi()
+    roi = b.any_roi(absent=True)
     phrase, var = b.describe(roi)
     bare = phrase[4:] if phrase.startswith("the ") else phrase
     prompt = b.prompt("segmentation", {"roi": phrase, "roi_bare": bare})
     code = f"{b.segment(roi, var, [0], 0)}\nprint({var})\nreport(volumes={{{var!r}: {var}}})"
-    return Draft(prompt, [code], b.calls, outputs={var: b.truth(roi)})
+    truth = b.truth(roi)
+    # an empty mask is reported with report()'s automatic "not found" answer (task_templates.api)
+    answer = empty_mask_answer([var]) if roi.kind == "absent" else None
+    return Draft(prompt, [code], b.calls, answer=answer, outputs={var: truth}, meta=b.absent_meta())
 
 
 def build_volume(b: Builder) -> Draft:
-    roi = b.any_roi()
+    roi = b.any_roi(absent=True)
     phrase, var = b.describe(roi)
     prompt = b.prompt("volume", {"roi": phrase})
     s1 = f"{b.segment(roi, var, [0], 0)}\nvolume = vl.volume({var}, \"mL\")\nprint(volume)"
     s2 = "report(measurements={\"volume\": volume})"
-    return Draft(prompt, [s1, s2], b.calls, measurements={"volume": _q(vl.volume(b.truth(roi), "mL"))})
+    return Draft(prompt, [s1, s2], b.calls, measurements={"volume": _q(vl.volume(b.truth(roi), "mL"))},
+                 meta=b.absent_meta())
 
 
 def build_volume_change(b: Builder) -> Draft:
@@ -663,8 +729,15 @@ def build_intensity_change(b: Builder) -> Draft:
 
 
 def build_location(b: Builder) -> Draft:
-    roi, m = b.choose_lesion()
+    roi, m = b.choose_lesion(absent=True)
     phrase, _ = b.describe(roi)
+    if m is None:  # absent target: the same program, answered "not found"
+        sub = "territory" if b.rng.random() < ABSENT_TERRITORY_SHARE else "location"
+        prompt = b.prompt(sub, {"roi": phrase})
+        answer = NOT_FOUND_ANSWER
+        s1 = b.encode(0, 0)
+        s2 = f"report(answer={answer!r})"
+        return Draft(prompt, [s1, s2], b.calls, answer=answer, meta={"subtask": sub, **b.absent_meta()})
     if m.get("territory") and b.rng.random() < 0.3:
         prompt = b.prompt("territory", {"roi": phrase})
         answer = territory_answer(m)
@@ -770,7 +843,7 @@ def build_cropping(b: Builder) -> Draft:
 
 
 def build_tissue_removal(b: Builder) -> Draft:
-    roi = b.any_roi()
+    roi = b.any_roi(absent=True)
     phrase, var = b.describe(roi)
     stem = b.rng.choice(b.case.stems(0))
     a = b.acq(0, stem)
@@ -781,7 +854,8 @@ def build_tissue_removal(b: Builder) -> Draft:
     s2 = "report(volumes={\"result\": result})"
     t = b.truth(roi)
     out = a.volume.masked(t) if keep else a.volume.masked(t, invert=True)
-    return Draft(prompt, [s1, s2], b.calls, outputs={"result": out}, meta={"image": stem, "keep": keep})
+    return Draft(prompt, [s1, s2], b.calls, outputs={"result": out},
+                 meta={"image": stem, "keep": keep, **b.absent_meta()})
 
 
 BUILDERS: dict[str, Callable[[Builder], Draft]] = {

@@ -167,3 +167,90 @@ def territory_answer(meta: dict) -> str | None:
 
 def class_answer(meta: dict) -> str:
     return CLASS_NAME.get(meta["cls"], meta["cls"])
+
+
+# ------------------------------------------------------------------ absent targets
+#: the canonical answer to a question about a lesion the images do not show (matches
+#: ``voxelprompt.alignment.NOT_FOUND``)
+NOT_FOUND_ANSWER = "not found"
+#: nouns any lesion may be called: never used for an absent target when the case has a lesion
+GENERIC_NOUNS = ("lesion", "mass", "hyperintensity")
+#: nouns a lesion's components make it answer to ("the edema" of a glioma with peritumoral edema)
+COMPONENT_NOUNS = {"edema": ("edema",), "cavity": ("cavity", "cyst"), "necrotic": ("cavity",)}
+#: nouns a class answers to beyond its ontology (look-alikes: a fluid-filled resection cavity)
+CLASS_LOOKALIKES = {"cyst": ("cavity",), "resection_cavity": ("cyst",)}
+#: classes whose terms take an acuity adjective in absent descriptions
+_ACUTE_NOUNS = ("infarct", "stroke", "hemorrhage", "bleed")
+
+
+def lesion_nouns(meta: dict) -> set[str]:
+    """Every noun (a key of ``LESION_TERMS``) that could refer to this lesion.
+
+    Its class and ontology parents, the generic nouns, nouns of its components and class
+    look-alikes: deliberately broad, so an absent target's noun never names a lesion that is there.
+    """
+    out = set(_nouns(meta)) | set(GENERIC_NOUNS) | set(CLASS_LOOKALIKES.get(meta["cls"], ()))
+    for comp in meta.get("components") or ():
+        out |= set(COMPONENT_NOUNS.get(comp, ()))
+    return out & set(LESION_TERMS)
+
+
+def describe_absent(sites: list[tuple[dict, set[str], set[str]]], rng: np.random.Generator, split: str,
+                    signal_stem: str | None = None) -> tuple[str, dict] | None:
+    """A phrase for a lesion the case does NOT have, worded like a real target (None if none).
+
+    Args:
+        sites: every lesion of every session with the sides and lobes it may reach
+            (:meth:`task_templates.case.Case.lesion_sites`); empty for a lesion-free case.
+
+    Three kinds (``spec["mode"]``):
+
+    - ``no_lesion``: the case has no lesion; any noun, with optional adjectives;
+    - ``absent_class``: a noun no lesion answers to (:func:`lesion_nouns`), optionally with
+      side, lobe, signal, enhancement and acuity adjectives;
+    - ``elsewhere``: a noun some lesion answers to, on a side and/or in a lobe that no lesion
+      answering to it reaches (``the right glioma`` when the only glioma is on the left).
+
+    Returns:
+        (phrase, spec) with ``spec = {"mode", "noun", side?, lobe?, ...}``.
+    """
+    lobes_all = sorted(LOBE_ADJ)
+    if not sites:
+        modes = ["no_lesion"]
+    else:
+        modes = ["absent_class", "elsewhere"] if rng.random() < 0.5 else ["elsewhere", "absent_class"]
+    present = set().union(*(lesion_nouns(m) for m, _, _ in sites)) if sites else set()
+    for mode in modes:
+        if mode in ("no_lesion", "absent_class"):
+            nouns = [n for n in LESION_TERMS if n not in present]
+            if not nouns:
+                continue
+            noun = nouns[int(rng.integers(len(nouns)))]
+            attrs = {"side": ["left", "right"][int(rng.integers(2))],
+                     "lobe": lobes_all[int(rng.integers(len(lobes_all)))]}
+            if signal_stem and rng.random() < 0.5:
+                attrs["signal"] = ["hyper", "hypo", "iso"][int(rng.integers(3))]
+            if rng.random() < 0.3:
+                attrs["enhancing"] = "yes"
+            if noun in _ACUTE_NOUNS and rng.random() < 0.5:
+                attrs["acuity"] = ["acute", "subacute", "chronic"][int(rng.integers(3))]
+            keys = [str(k) for k in rng.permutation(sorted(attrs))]
+            chosen = {k: attrs[k] for k in keys[:int(rng.integers(0, len(keys) + 1))]}
+        else:  # elsewhere: a named noun where no lesion it could name reaches
+            options = {}
+            for noun in sorted(present):
+                reach = [(s, lb) for m, s, lb in sites if noun in lesion_nouns(m)]
+                ok = [(side, lobe) for side in ("left", "right", None) for lobe in [None] + lobes_all
+                      if (side or lobe) and not any((side is None or side in s) and (lobe is None or lobe in lb)
+                                                    for s, lb in reach)]
+                if ok:
+                    options[noun] = ok
+            if not options:
+                continue
+            names = sorted(options)
+            noun = names[int(rng.integers(len(names)))]
+            side, lobe = options[noun][int(rng.integers(len(options[noun])))]
+            chosen = {k: v for k, v in (("side", side), ("lobe", lobe)) if v}
+        phrase = _phrase(noun, chosen, rng, split, signal_stem, None)
+        return phrase, {"mode": mode, "noun": noun, **chosen}
+    return None

@@ -39,6 +39,20 @@ Design choices beyond the paper:
   `encode` (no atlas is available inside the kernel), as in the paper.
 - Lesion descriptions use a parent term of the ontology (glioma → neoplasm → mass → lesion)
   only when, with the chosen adjectives, it singles out the target among the case's lesions.
+- **Absent targets** (seeds/004: the model outputs an empty mask when the prompted target is not
+  in the images). In segmentation, volume, location/territory and tissue removal, a share
+  `ABSENT_PROB` (12 %) of the lesion draws describe a lesion the case does not have, worded by
+  the same terms and held-out split as real targets: a class no lesion of any session answers
+  to (its ontology parents, components and look-alikes count: a glioma with peritumoral edema
+  answers to "edema"), a class that is present but on a side or in a lobe that no lesion
+  answering to it reaches (judged from the masks and the metadata), or, on a lesion-free case,
+  any lesion. The program is the normal one; its `segment` target is an empty mask on the grid
+  of the call's first volume, so a volume is 0 mL, a segmentation reports an empty mask (and
+  `report()` answers "not found: the mask 'lesion' is empty" by itself, docs/agent_api.md), and
+  a location or territory question is answered `report(answer='not found')`. Lesion-free cases
+  (20 % of synthetic subjects) take absent draws at the same rate. Extent, centre of mass,
+  intensity, cropping, change and characterisation tasks never ask about an absent target (their
+  library calls are undefined on an empty mask).
 
 Commands: `voxelprompt tasks sample --n 5`, `voxelprompt tasks stats`, `voxelprompt tasks check`,
 `voxelprompt tasks corpus --out corpus.txt`. The functions the programs call are documented in
@@ -51,7 +65,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "docs/tasks.md")
     rng = np.random.default_rng(7)
-    cases = list(_cases(7, 3, ["phantom"], 3.0))
+    cases = list(_cases(7, 6, ["phantom"], 3.0))  # the first three have no lesion
     parts = [INTRO]
     for cat in CATEGORIES:
         keys = TEMPLATE_GROUPS[cat]
@@ -60,14 +74,18 @@ def main(argv=None) -> int:
         forms = sum(count_forms(t) for k in keys for t in T[k])
         parts.append(f"## {cat.replace('_', ' ')}\n\n{n_t} templates ({n_h} held out), {forms:,} surface forms "
                      "before ROI names.\n")
-        shown, i = 0, 0
-        while shown < 3 and i < 40:
+        shown, i, absent = 0, 0, 0
+        while shown < 3 and i < 60:
             case = cases[i % len(cases)]
             i += 1
             try:
                 ex = sample(case, rng, cat, split="train")
             except Skip:
                 continue
+            if "absent" in ex.meta:  # at most one absent-target example per category
+                if absent:
+                    continue
+                absent += 1
             shown += 1
             vols = ", ".join(v.line() for v in ex.volumes)
             code = "\n\n".join(s.code + ("\n# " + s.output.strip().replace("\n", "\n# ") if s.output.strip() else "")

@@ -99,6 +99,8 @@ def sample_prompt(case: Case, rng: np.random.Generator, category: str, split: st
             return typo(abbreviate(p.prompt, rng), rng) if typos else p.prompt
         except Skip as exc:
             last = exc
+            if exc.final:
+                break
     raise Skip(f"{category}: {last}")
 
 
@@ -118,9 +120,14 @@ def sample(case: Case, rng: np.random.Generator, category: str | None = None, sp
         cat = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         b = Builder(case, rng, split)
         try:
-            draft = BUILDERS[cat](b)
+            try:
+                draft = BUILDERS[cat](b)
+            except vl.GeometryError as exc:  # the expected result is undefined on these grids (e.g. a
+                raise Skip(f"{cat}: {exc}")   # lesion's shell outside another contrast's field of view)
         except Skip as exc:
             last = exc
+            if exc.final and category is not None:
+                break  # retrying would bias the category's draws on this case (Skip.final)
             continue
         if execute:
             run = run_program(draft.steps, case, draft.vision_calls)

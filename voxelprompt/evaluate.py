@@ -195,11 +195,16 @@ def score_example(example, run: dict, lesion_class: dict) -> dict:
     truth_steps = [norm_code(s.code) for s in example.steps]
     exact = [norm_code(s) for s in run["steps"]] == truth_steps
     executed = not run["errors"] and run["stopped"] and not run["truncated"]
-    dices = []
+    dices, absent = [], []
     gt_seg = [c for c in example.vision_calls if c.kind == "segment"]
     for i, call in enumerate(gt_seg):
         pred = run["segments"][i] if i < len(run["segments"]) else None
         roi = call.roi or "?"
+        if roi.startswith("absent:"):  # a target the images do not have: right iff the mask is empty
+            for k in range(len(call.targets)):
+                p = pred[k] if pred is not None and k < len(pred) else None
+                absent.append(p is None or _dice(p, call.targets[k]) is None)
+            continue
         if roi.startswith("lesion:"):
             parts = roi.split(":")
             cls = lesion_class.get(parts[1], parts[1])
@@ -223,7 +228,7 @@ def score_example(example, run: dict, lesion_class: dict) -> dict:
         got = rep.measurements.get(name)
         meas[name] = math.inf if got is None else _rel_err(got["value"], m["value"])
     return {"category": example.category, "split": example.meta.get("split"), "exact": exact,
-            "executed": executed, "dice": dices, "qa": qa, "measurements": meas,
+            "executed": executed, "dice": dices, "absent_empty": absent, "qa": qa, "measurements": meas,
             "errors": run["errors"][:2], "n_steps": len(run["steps"]), "n_truth_steps": len(example.steps)}
 
 
@@ -251,6 +256,9 @@ def summarize(scores: list[dict]) -> dict:
         if d["kind"] == "lesion":
             per_cls[d["roi"].split(":")[1]].append(d["dice"])
     out["dice_per_lesion_class"] = {k: {"mean": float(np.mean(v)), "n": len(v)} for k, v in sorted(per_cls.items())}
+    ab = [e for s in scores for e in s.get("absent_empty", [])]
+    out["absent_empty_rate"] = float(np.mean(ab)) if ab else None   # absent targets given an empty mask
+    out["absent_n"] = len(ab)
     qa = [s["qa"] for s in scores if s["qa"] is not None]
     out["qa_accuracy"] = float(np.mean(qa)) if qa else None
     out["qa_n"] = len(qa)
