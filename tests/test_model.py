@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -173,6 +174,48 @@ def test_degenerate_and_distant_inputs():
     assert torch.Size(shape).numel() <= 2 * torch.Size(a.shape).numel()
 
 
+def test_shared_grid_of_orthogonal_thick_slices_is_no_larger_than_an_input():
+    # an axial 1×1×5 mm and a sagittal 5×1×1 mm acquisition of the same 160×190×160 mm field
+    axial = _vol((160, 190, 32), (1.0, 1.0, 5.0))
+    sagittal = _vol((32, 190, 160), (5.0, 1.0, 1.0))
+    largest = max(torch.Size(v.shape).numel() for v in (axial, sagittal))
+    for vols in ([axial, sagittal], [sagittal, axial]):
+        shape, aff = shared_grid([v.shape for v in vols], [v.affine for v in vols], factor=2.0)
+        spacing = torch.linalg.norm(aff[:3, :3], dim=0)
+        assert torch.allclose(spacing, torch.tensor([5 ** 0.5, 1.0, 5 ** 0.5], dtype=spacing.dtype), atol=1e-6)
+        # the geometric mean of the voxel counts (= either input here, up to a voxel per axis),
+        # not the ~1 mm union the finest-spacing rule gave (5x the largest input)
+        assert torch.Size(shape).numel() <= 1.05 * largest
+    # grids sharing a spacing keep it; a tilted copy of a volume does not refine the grid
+    tilted = _vol((160, 190, 32), (1.0, 1.0, 5.0), rot=(0, 0, 10))
+    shape, _ = shared_grid([axial.shape, tilted.shape], [axial.affine, tilted.affine])
+    assert torch.Size(shape).numel() <= 2.0 * torch.Size(axial.shape).numel()
+
+
+def test_interaction_in_slabs_and_checkpointed_matches_one_pass(monkeypatch):
+    import voxelprompt.model as model_mod
+    vols = [_vol((12, 14, 10), (2.0, 2.0, 2.0), seed=1), _vol((13, 12, 5), (2.0, 2.0, 4.5), (8, 0, 0), seed=2),
+            _vol((10, 11, 12), (2.4, 2.4, 2.0), (0, 0, 15), (2, 1, 0), seed=3)]
+    cfg = get_config("tiny").vision
+    torch.manual_seed(0)
+    net = VisionNet(cfg, embed_dim=64)
+    phi = torch.randn(3, 32)
+
+    def run(tokens, ckpt):
+        monkeypatch.setattr(model_mod, "_INTERACT_TOKENS", tokens)
+        net.cfg = dataclasses.replace(cfg, checkpoint_interaction=ckpt)
+        net.zero_grad()
+        out = net(vols, phi)
+        sum((o ** 2).mean() for o in out).backward()
+        return [o.detach() for o in out], net.enc_attn[0].qkv.weight.grad.clone()
+
+    ref_out, ref_grad = run(10 ** 9, False)            # one slab, activations stored
+    for tokens, ckpt in [(60, False), (60, True)]:    # many slabs; recomputed in backward
+        out, grad = run(tokens, ckpt)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, ref_out))
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_working_resolution_floor():
     net = VisionNet(dataclasses.replace(get_config("tiny").vision, min_spacing=2.0), embed_dim=64)
     fine = _vol((24, 20, 8), (1.0, 1.0, 4.0), (0, 10, 0))
@@ -285,3 +328,17 @@ def test_batched_lm_loss_ignores_padding(tok):
             counts += int(keep.sum())
     assert batched.n_tokens == counts and batched.n_masks == 0
     assert abs(float(batched.ce) - sums / counts) < 1e-4
+
+
+def test_empty_target_gets_a_dense_mask_gradient():
+    """On an empty target the Dice gradient nearly vanishes; the BCE term keeps pushing p → 0."""
+    from voxelprompt.model import soft_dice_loss, voxel_bce
+    logits = torch.full((16, 16, 16), 2.0, requires_grad=True)
+    empty = torch.zeros(16, 16, 16)
+    soft_dice_loss(torch.sigmoid(logits), empty).backward()
+    g_dice = logits.grad.abs().mean().item()
+    logits.grad = None
+    voxel_bce(torch.sigmoid(logits), empty).backward()
+    g_bce = logits.grad.abs().mean().item()
+    assert g_bce > 1000 * g_dice
+    assert float(voxel_bce(torch.full((4,), 0.5), torch.ones(4))) == pytest.approx(math.log(2), rel=1e-4)

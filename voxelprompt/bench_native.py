@@ -12,11 +12,12 @@ working-resolution floor: ``min_spacing=None``) is run
 
 For each sample and mode a fresh child process measures the inference time (``no_grad``
 forward), the peak memory of inference and the peak memory of one training step (forward,
-soft-Dice loss against a random mask, backward, Adam step). On CPU, peak memory is the child's
-peak RSS (``getrusage``) above its RSS before the inputs were made; the training step runs after
-inference in the same child, so its peak is at least the inference peak, which is what it is
-(a training step holds every activation). On CUDA it is ``torch.cuda.max_memory_allocated``
-above the weights.
+soft-Dice loss against a random mask, backward, Adam step). Each child first runs the network
+once (inference and a training step) on 12³-voxel grids with the inputs' orientations, so that
+one-time costs (kernel code paged in, thread pools, allocator set-up) are in neither the times
+nor the peaks. On CPU, peak memory is the child's RSS high-water mark (``VmHWM``, reset before
+each measurement; ``getrusage`` where it cannot be reset) above its RSS before the inputs were
+made; on CUDA it is ``torch.cuda.max_memory_allocated`` above the weights.
 
 Defaults are sized to finish in a few minutes on two busy CPU cores: the ``paper`` vision
 network (six levels, 32/96 channels) with the field of view scaled by ``--fov-scale 0.3``
@@ -34,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import multiprocessing as mp
@@ -73,14 +75,19 @@ def table2_acquisitions() -> list[str]:
 
 
 def sample_session(n: int, rng: np.random.Generator, fov_scale: float = 1.0) -> list[dict]:
-    """n acquisition grids ``{"acquisition", "shape", "affine", "spacing"}`` of one session."""
+    """n acquisition grids ``{"acquisition", "shape", "affine", "spacing"}`` of one session.
+
+    The field of view, its deviation and the random shift of its centre all scale with
+    ``fov_scale``, so a scaled session is a scaled copy of a full-size one.
+    """
     from synth.geometry import FOV_DEVIATION_MM, FOV_MM, sample_geometry
     acqs = table2_acquisitions()
+    shift = inspect.signature(sample_geometry).parameters["shift_mm"].default * fov_scale
     out = []
     for _ in range(n):
         a = acqs[int(rng.integers(len(acqs)))]
         g = sample_geometry(a, rng, fov_mm=tuple(f * fov_scale for f in FOV_MM),
-                            fov_deviation=FOV_DEVIATION_MM * fov_scale)
+                            fov_deviation=FOV_DEVIATION_MM * fov_scale, shift_mm=shift)
         out.append({"acquisition": a, "shape": list(g.shape), "affine": np.asarray(g.affine).tolist(),
                     "spacing": list(g.spacing)})
     return out
@@ -104,8 +111,53 @@ def _rss_now_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """The RSS high-water mark: ``VmHWM`` (resettable, see :func:`_reset_peak_rss`), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the RSS high-water mark to the current RSS (Linux ≥ 4.0); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _warm_up(net, grids, phi_dim: int, device, train: bool) -> None:
+    """One inference (and training step) on 12³-voxel grids with the inputs' orientations, so that
+    the code and one-time state of every kernel the measurement uses are in memory before it."""
+    import torch
+
+    from voxel_lib import Volume
+
+    vols = []
+    for _, aff in grids:
+        a = torch.tensor(aff, dtype=torch.float64)
+        vols.append(Volume(torch.rand(1, 12, 12, 12, device=device), a, "image"))
+    phi = torch.randn(len(vols), phi_dim, device=device)
+    with torch.no_grad():
+        net(vols, phi)
+    if train:
+        net.train()
+        sum(m.mean() for m in net(vols, phi)).backward()
+        net.zero_grad(set_to_none=True)
+        net.eval()
+    del vols, phi
+    try:                      # hand the warm-up's freed heap back, so that it is not reused unseen
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _measure(job: dict) -> dict:
@@ -125,12 +177,14 @@ def _measure(job: dict) -> dict:
     cfg = get_config(job["config"])
     torch.manual_seed(job["seed"])
     net = VisionNet(replace(cfg.vision, min_spacing=None), cfg.lm.hidden, cfg.lm.phi_dim).to(dev).eval()
+    _warm_up(net, job["grids"], cfg.lm.phi_dim, dev, job["train"])
     g = torch.Generator().manual_seed(job["seed"])
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_now_bytes()
+        _reset_peak_rss()
     vols = []
     for shp, aff in job["grids"]:
         x = torch.randn(1, *shp, generator=g)
@@ -159,6 +213,8 @@ def _measure(job: dict) -> dict:
         targets = [(torch.rand(v.shape, generator=g) > 0.9).float().to(dev) for v in vols]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()     # where supported, the training peak is measured on its own
         t = time.perf_counter()
         masks = net(vols, phi)
         loss = torch.stack([soft_dice_loss(m, tg) for m, tg in zip(masks, targets)]).mean()

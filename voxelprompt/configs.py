@@ -40,7 +40,10 @@ class VisionConfig:
     attn_hidden: int = 32         # width of the cross-volume transformer (seeds/004 A.3)
     attn_heads: int = 4
     min_spacing: float | None = 3.0   # working-resolution floor (mm); None = native resolution
-    shared_grid_factor: float = 2.0   # shared grid has at most this x the largest volume's voxels
+    shared_grid_factor: float = 2.0   # cap: the shared interaction grid (per-axis geometric-mean
+    #   spacing over the union of the fields of view) holds at most this x the largest volume's voxels
+    checkpoint_interaction: bool = False   # training: recompute the cross-volume interaction in the
+    #   backward pass instead of storing its activations (less memory, ~1 more interaction pass)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     dice_weight: float = 0.1      # λ (seeds/004 A.4)
+    bce_weight: float = 1.0       # mask loss = soft Dice + this x voxel-mean BCE (nnU-Net's recipe; see model.py)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (for checkpoints)."""
@@ -62,7 +66,8 @@ class ModelConfig:
         v = dict(d["vision"])
         v["channels"] = tuple(v["channels"])
         return cls(name=d.get("name", "custom"), lm=LMConfig(**d["lm"]), vision=VisionConfig(**v),
-                   dice_weight=d.get("dice_weight", 0.1))
+                   dice_weight=d.get("dice_weight", 0.1),
+                   bce_weight=d.get("bce_weight", 1.0))
 
 
 CONFIGS: dict[str, ModelConfig] = {
@@ -70,7 +75,8 @@ CONFIGS: dict[str, ModelConfig] = {
     "paper": ModelConfig(
         name="paper",
         lm=LMConfig(vocab_size=32000, hidden=512, layers=16, heads=32, intermediate=1024),
-        vision=VisionConfig(levels=6, channels=(32, 96, 96, 96, 96, 96), min_spacing=None),
+        vision=VisionConfig(levels=6, channels=(32, 96, 96, 96, 96, 96), min_spacing=None,
+                            checkpoint_interaction=True),   # GPU training is memory-bound
     ),
     "tiny": ModelConfig(
         name="tiny",

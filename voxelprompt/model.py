@@ -11,13 +11,26 @@ tracked through every level; an axis is max-pooled only while its spacing is bel
 spacings even out); the decoder upsamples to the skip's geometry by world-space resampling.
 After every block below the top level, the features of the n volumes are resampled to a shared
 grid, concatenated with each volume's φ, mixed by a one-layer MLP, passed through a transformer
-layer that attends across the volumes at each voxel, resampled back and added (residual). The
-shared grid uses the finest volume's axes, per-axis the finest spacing any volume has along
-them, and covers the union of the fields of view; it is coarsened when it would hold more than
-``shared_grid_factor`` × the largest volume's voxel count. All resampling is ``grid_sample``
-(differentiable). Encoder → global max-pool → linear gives ε ∈ R^{n×b}; the decoder → 1×1×1 conv
-→ sigmoid gives one mask per volume, and masks of one session are max-merged on the grid of that
-session's first volume.
+layer that attends across the volumes at each voxel, resampled back and added (residual); the
+shared grid is processed in slabs, so the attention's temporaries stay small
+(``VisionConfig.checkpoint_interaction`` also recomputes them in the backward pass instead of
+storing them). Encoder → global max-pool → linear gives ε ∈ R^{n×b}; the decoder → 1×1×1 conv →
+sigmoid gives one mask per volume, and masks of one session are max-merged on the grid of that
+session's first volume. All resampling is ``grid_sample`` (differentiable).
+
+Shared grid (:func:`shared_grid`): per axis the *geometric mean* of the volumes' spacings along
+it; the union of the fields of view; the axes of the volume whose frame gives the fewest voxels;
+coarsened if it would hold more than ``shared_grid_factor`` × the largest volume's voxel count.
+For grids aligned with it, its voxel has the geometric mean of the volumes' voxel volumes, so over
+a common field of view it holds the geometric mean of their voxel counts (at most their mean):
+the interaction costs about one more volume's worth of voxels per input, whatever the mix of
+slice directions. seeds/004 (§3.1) resamples to "the minimum voxel spacing across volumes"; taken
+per axis (as this module did before), an axial 1×1×5 mm and a sagittal 5×1×1 mm scan interact on
+a 1 mm grid over their union, five times the voxels of either, and a session of thick-slice scans
+costs as much as conforming everything to 1 mm, which native processing exists to avoid. The
+coarser grid loses little: the attention only exchanges information *across* volumes, each
+volume's own features stay on its native grid, and the interaction comes back as a trilinearly
+resampled residual.
 
 Intensities: every input is scaled per volume so its 0.5/99.5 % quantiles map to 0/1
 (:func:`normalize_intensity`), whatever its unit.
@@ -28,7 +41,10 @@ resampled back to each volume's native grid. ``paper`` has no floor.
 
 Joint model: :meth:`VoxelPrompt.loss` computes teacher-forced cross-entropy on the targets of a
 :class:`~voxelprompt.sequence.TokenSequence` (code, ``<ENDSTEP>``, ``<STOP>``), splices ε after
-``<OUT>`` for ``encode`` calls, runs every ``segment`` call with its φ and adds λ × soft Dice.
+``<OUT>`` for ``encode`` calls, runs every ``segment`` call with its φ and adds λ × (soft Dice +
+``bce_weight`` × voxel BCE). The paper uses the soft Dice alone; the BCE term (nnU-Net's recipe)
+gives the network a dense gradient from the first step and teaches empty masks for targets that
+are not in the images (where the Dice gradient vanishes). ``LossOutput.dice`` is the Dice part.
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model is built from a confi
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers import DynamicCache, LlamaConfig, LlamaModel  # noqa: E402
 
 from .configs import LMConfig, ModelConfig, VisionConfig, get_config
@@ -51,6 +68,7 @@ from .tokenizer import BOS_ID, ENDSTEP_ID, EOS_ID, MOD_ID, PAD_ID, STOP_ID
 
 _F64 = torch.float64
 _SLAB_VOXELS = 4_000_000  # resample large grids in slabs of this many voxels
+_INTERACT_TOKENS = 8_192  # cross-volume interaction in shared-grid slabs of about this many (voxel, volume) pairs
 
 
 # =============================================================================== language model
@@ -214,30 +232,56 @@ def resample(x: torch.Tensor, src_affine, dst_shape, dst_affine, padding: str = 
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
+def _axis_spacings(affines, axes) -> torch.Tensor:
+    """``(n, 3)``: each volume's spacing along each frame axis, ``1 / |A⁻¹ e|`` (exact for grids
+    aligned with the frame; for oblique ones a blend of the volume's spacings)."""
+    return torch.stack([1 / torch.linalg.norm(torch.linalg.solve(a[:3, :3].to(_F64), axes), dim=0)
+                        for a in affines])
+
+
 def shared_grid(shapes, affines, factor: float = 2.0):
     """The grid on which n volumes interact: ``(shape, affine)``.
 
-    Axes of the finest volume (chosen independently of the input order); per axis the finest
-    spacing any volume has along it; extent the union of the fields of view (voxel centres);
-    coarsened isotropically to at most ``factor`` × the largest volume's voxel count.
+    - spacing, per axis: the **geometric mean** of the volumes' spacings along it. For grids
+      aligned with the frame the shared voxel then has the geometric mean of the volumes' voxel
+      volumes, so over a common field of view it holds the geometric mean of their voxel counts
+      (≤ their mean, ≤ the largest): an axial 1×1×5 mm and a sagittal 5×1×1 mm volume interact on
+      a 2.2×1×2.2 mm grid with as many voxels as either, not on a 1 mm grid with five times more.
+      Volumes that share a spacing along an axis keep it exactly; a single volume keeps its grid;
+    - extent: the union of the fields of view (voxel centres);
+    - axes: those of one of the volumes, the one whose frame gives the fewest voxels (tilted
+      fields of view inflate the union's bounding box less in some frames than in others); ties go
+      to the finest volume, then to the affine, so the choice does not depend on the input order;
+    - cap: coarsened isotropically to at most ``factor`` × the largest volume's voxel count (only
+      binds when the fields of view barely overlap).
     """
     def key(i):
         a = affines[i]
         return (round(abs(float(torch.linalg.det(a[:3, :3]))), 6), tuple(round(float(v), 6) for v in a.flatten()))
 
-    ref = affines[min(range(len(affines)), key=key)].to(_F64)
-    axes = ref[:3, :3] / torch.linalg.norm(ref[:3, :3], dim=0)
-    spacing = torch.stack([1 / torch.linalg.norm(torch.linalg.solve(a[:3, :3].to(_F64), axes), dim=0)
-                           for a in affines]).min(0).values
     corners = []
     for shp, a in zip(shapes, affines):
         c = torch.cartesian_prod(*[torch.tensor([0.0, n - 1.0], dtype=_F64) for n in shp])
         corners.append(c @ a[:3, :3].to(_F64).T + a[:3, 3].to(_F64))
-    q = torch.linalg.solve(axes, torch.cat(corners).T).T            # corners in the frame
-    lo, hi = q.min(0).values, q.max(0).values
+    corners = torch.cat(corners).T                                  # (3, 8n) world
+
+    def grid(axes, spacing, lo, hi):
+        return tuple(int(math.ceil(float(v) - 1e-4)) + 1 for v in (hi - lo) / spacing)
+
+    best = None
+    for i in range(len(affines)):
+        a = affines[i].to(_F64)
+        axes = a[:3, :3] / torch.linalg.norm(a[:3, :3], dim=0)
+        spacing = _axis_spacings(affines, axes).log().sort(0).values.mean(0).exp()   # sorted: order-free bits
+        q = torch.linalg.solve(axes, corners).T                     # corners in the frame
+        lo, hi = q.min(0).values, q.max(0).values
+        cand = (math.prod(grid(axes, spacing, lo, hi)), key(i))
+        if best is None or cand < best[0]:
+            best = (cand, axes, spacing, lo, hi)
+    _, axes, spacing, lo, hi = best
     cap = factor * max(math.prod(s) for s in shapes)
     while True:
-        shape = tuple(int(math.ceil(float(v) - 1e-4)) + 1 for v in (hi - lo) / spacing)
+        shape = grid(axes, spacing, lo, hi)
         if math.prod(shape) <= cap:
             break
         spacing = spacing * max(1.01, (math.prod(shape) / cap) ** (1 / 3))
@@ -437,19 +481,46 @@ class VisionNet(nn.Module):
         return skips
 
     def _interact(self, attn: CrossVolumeAttention, xs, phi, lv: _Level):
-        """Resample to the shared grid, attend across volumes, resample back, residual."""
-        c = xs[0].shape[1]
-        shared = [x if g is None else F.grid_sample(x, g.to(x.dtype), mode="bilinear", padding_mode="border",
-                                                     align_corners=True)
-                  for x, g in zip(xs, lv.to_shared)]
-        h = attn(torch.stack([s.reshape(c, -1).T for s in shared], 1), phi, lv.valid)   # (V, n, c)
+        """Resample to the shared grid, attend across volumes, resample back, residual.
+
+        The shared grid is processed in slabs along its first axis of about ``_INTERACT_TOKENS``
+        (voxel, volume) pairs: each slab samples the volumes' features at its voxels, attends and
+        keeps only its output, so the attention's many per-token temporaries stay small (and in the
+        allocator's reused memory instead of fresh pages) whatever the grid size. Same result as one
+        pass. With ``VisionConfig.checkpoint_interaction`` and gradients on, each slab is
+        recomputed in the backward pass instead of storing its activations (activation memory of
+        the interaction ≈ its output only).
+        """
+        c, n = xs[0].shape[1], len(xs)
+        X, Y, Z = lv.shared_shape
+        step = max(1, _INTERACT_TOKENS // (n * Y * Z))
+        ckpt = self.cfg.checkpoint_interaction and torch.is_grad_enabled()
+        slabs = []
+        for x0 in range(0, X, step):
+            x1 = min(X, x0 + step)
+            if ckpt:
+                slabs.append(torch.utils.checkpoint.checkpoint(_interact_slab, attn, lv, x0, x1, phi, *xs,
+                                                               use_reentrant=False))
+            else:
+                slabs.append(_interact_slab(attn, lv, x0, x1, phi, *xs))
         out = []
         for i, (x, g) in enumerate(zip(xs, lv.back)):
-            hi = h[:, i].T.reshape(1, c, *lv.shared_shape)
+            hi = torch.cat([sl[i] for sl in slabs], 2) if len(slabs) > 1 else slabs[0][i]
             if g is not None:
                 hi = F.grid_sample(hi, g.to(hi.dtype), mode="bilinear", padding_mode="border", align_corners=True)
             out.append(x + hi)
         return out
+
+
+def _interact_slab(attn: CrossVolumeAttention, lv: _Level, x0: int, x1: int, phi, *xs):
+    """The interaction on shared-grid slab ``[x0, x1)``: one ``(1, c, x1 - x0, Y, Z)`` output per volume."""
+    c = xs[0].shape[1]
+    _, Y, Z = lv.shared_shape
+    shared = [x[:, :, x0:x1] if g is None else
+              F.grid_sample(x, g[:, x0:x1].to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+              for x, g in zip(xs, lv.to_shared)]
+    h = attn(torch.stack([s.reshape(c, -1).T for s in shared], 1), phi, lv.valid[x0 * Y * Z:x1 * Y * Z])
+    return tuple(h[:, i].T.reshape(1, c, x1 - x0, Y, Z) for i in range(len(xs)))
 
 
 def normalize_intensity(x: torch.Tensor, lo: float = 0.005, hi: float = 0.995) -> torch.Tensor:
@@ -498,6 +569,17 @@ def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     """1 − soft Dice of a probability map and a (soft) target on the same grid."""
     inter = (pred * target).sum()
     return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
+
+
+def voxel_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Voxel-mean binary cross-entropy of a probability map against a (soft) target.
+
+    The soft Dice alone gives a network trained from scratch a weak, global gradient, and on an
+    empty target (a prompted structure that is not in the images) almost none once the output is
+    near zero: 1 − 1/(1 + Σp). The per-voxel BCE term gives every voxel a dense gradient toward
+    its label, as in nnU-Net's Dice + cross-entropy.
+    """
+    return F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
 
 
 # ================================================================================= joint model
@@ -568,7 +650,7 @@ class VoxelPrompt(nn.Module):
         return LossOutput(ce, ce, zero, int((labels != IGNORE).sum()), 0)
 
     def loss(self, seq: TokenSequence, segment: bool = True) -> LossOutput:
-        """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · soft Dice of the segment calls.
+        """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.
 
         With ``segment=False`` the segment calls are not run (no Dice term; ``encode`` calls still
         run, their ε are inputs): the language-model-only step training uses on a share of the
@@ -602,7 +684,7 @@ class VoxelPrompt(nn.Module):
         h = torch.cat(hidden, 1)[0]
         labels = seq.labels.to(dev)
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
-        dices = []
+        dices, bces = [], []
         for call in seq.calls:
             if not segment or call.kind != "segment" or not call.targets:
                 continue
@@ -614,9 +696,12 @@ class VoxelPrompt(nn.Module):
                 raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
                                  f"{len(call.targets)} targets")
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
-                dices.append(soft_dice_loss(pred, _target_on(tgt, shape, aff).to(pred)))
+                t = _target_on(tgt, shape, aff).to(pred)
+                dices.append(soft_dice_loss(pred, t))
+                bces.append(voxel_bce(pred, t))
         dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
-        return LossOutput(ce + self.config.dice_weight * dice, ce, dice,
+        mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
+        return LossOutput(ce + self.config.dice_weight * mask, ce, dice,
                           int((labels != IGNORE).sum()), len(dices))
 
 
