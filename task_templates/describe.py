@@ -195,6 +195,17 @@ def lesion_nouns(meta: dict) -> set[str]:
     return out & set(LESION_TERMS)
 
 
+def can_be_called(sites: list[tuple[dict, set[str], set[str]]], noun: str, side: str | None = None,
+                  lobe: str | None = None) -> bool:
+    """True when some lesion of ``sites`` could be called ``noun`` on ``side`` / in ``lobe``.
+
+    The rule that decides absence: a lesion answers to every noun of :func:`lesion_nouns`,
+    wherever :meth:`task_templates.case.Case.lesion_sites` says it may reach (None = anywhere).
+    """
+    return any(noun in lesion_nouns(m) and (side is None or side in s) and (lobe is None or lobe in lb)
+               for m, s, lb in sites)
+
+
 def describe_absent(sites: list[tuple[dict, set[str], set[str]]], rng: np.random.Generator, split: str,
                     signal_stem: str | None = None) -> tuple[str, dict] | None:
     """A phrase for a lesion the case does NOT have, worded like a real target (None if none).
@@ -239,10 +250,8 @@ def describe_absent(sites: list[tuple[dict, set[str], set[str]]], rng: np.random
         else:  # elsewhere: a named noun where no lesion it could name reaches
             options = {}
             for noun in sorted(present):
-                reach = [(s, lb) for m, s, lb in sites if noun in lesion_nouns(m)]
                 ok = [(side, lobe) for side in ("left", "right", None) for lobe in [None] + lobes_all
-                      if (side or lobe) and not any((side is None or side in s) and (lobe is None or lobe in lb)
-                                                    for s, lb in reach)]
+                      if (side or lobe) and not can_be_called(sites, noun, side, lobe)]
                 if ok:
                     options[noun] = ok
             if not options:

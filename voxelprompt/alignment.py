@@ -17,10 +17,20 @@ Experiments
 - **ladder**: L0 "lesion" → L1 class → L2 + side → L3 + lobe → L4 + signal (full);
 - **swap**: the full prompt of case i on the images of case j (K × K Dice matrix against case
   j's lesion): matched (diagonal) vs mismatched;
-- **irrelevant**: a lesion class the case does not have (and, when the case has lesions on one
-  side only, the class on the other side): the right result is an empty mask. Also asked as a
-  location question ("where is the <absent>?"): the answer should say it was not found
-  (counted: "not found"-style answers, no answer, or a guessed location).
+- **irrelevant**: a lesion the case does not have, the right result is an empty mask. Kinds:
+  "absent class" (``the edema``), "absent class + side" (``the left edema``) and "present
+  class, wrong side" (``the right glioma`` when no lesion that could be called a glioma reaches
+  the right hemisphere). Absence follows the rule the training data uses for its absent targets
+  (``task_templates.describe.describe_absent``): a lesion of any session answers to every noun of
+  ``task_templates.describe.lesion_nouns`` (its class, ontology parents, the generic nouns,
+  its components' nouns - an edema component makes "edema" present, a cavity or necrotic part
+  "cavity"/"cyst" - and look-alikes: cyst ~ cavity ~ resection cavity), on every side its
+  mask or metadata reaches (``task_templates.case.Case.lesion_sites``: a bilateral or unknown
+  hemisphere counts as both). An absent class is a class no lesion answers to; the wrong side is
+  asked only when no lesion answering to the target's class reaches it (see
+  :func:`irrelevant_prompts`). Also asked as a location question ("where is the <absent>?"):
+  the answer should say it was not found (counted: "not found"-style answers, no answer, or a
+  guessed location).
 
 Statistics: paired two-sided Wilcoxon signed-rank tests (full vs each fragment, full vs each
 perturbation, adjacent ladder rungs, matched vs mean mismatched per case) with
@@ -113,6 +123,30 @@ def variants(attrs: dict, signal_stem: str | None, all_classes: list[str]) -> di
                      "L3 +lobe": phrase(a["cls"], a["side"], a["lobe"]),
                      "L4 +signal (full)": full}
     out["decomposition"] = {k: v for k, v in out["decomposition"].items() if v}
+    return out
+
+
+def irrelevant_prompts(case, attrs: dict, ci: int, all_classes: list[str]) -> list[tuple[str, str, dict]]:
+    """The irrelevant prompts of a case: ``(kind, phrase, {"noun", "side"?})``, each absent by the training rule.
+
+    - "absent class" / "absent class + side": a class no lesion of any session answers to
+      (:func:`task_templates.describe.can_be_called` anywhere), chosen round-robin by the case index ``ci``; with the
+      target's side in the second;
+    - "present class, wrong side": the target's class on the other side, only when no lesion
+      answering to that class reaches it (masks and metadata; bilateral/unknown = both sides).
+    """
+    from task_templates.describe import can_be_called
+
+    sites = case.lesion_sites()
+    out = []
+    absent = [c for c in all_classes if not can_be_called(sites, c)]
+    if absent:
+        c = absent[ci % len(absent)]
+        out.append(("absent class", phrase(c), {"noun": c}))
+        out.append(("absent class + side", phrase(c, attrs["side"]), {"noun": c, "side": attrs["side"]}))
+    other = {"left": "right", "right": "left"}[attrs["side"]]
+    if not can_be_called(sites, attrs["cls"], other):
+        out.append(("present class, wrong side", phrase(attrs["cls"], other), {"noun": attrs["cls"], "side": other}))
     return out
 
 
@@ -264,21 +298,10 @@ def run_alignment(model, tok, n_cases: int = 6, seed: int = 4321, resolution: fl
                                                  "voxels": mask_voxels(r["mask"]),
                                                  "segment_ran": r["mask"] is not None,
                                                  "first_step": (r["steps"] or [""])[0][:300], "errors": r["errors"]}
-        # irrelevant: absent class (any side), and the present class on a side with no lesion of it
-        present = {m["cls"] for m in case.lesion_meta}
-        absent = [c for c in all_classes if c not in present]
-        irr = []
-        if absent:
-            c = absent[ci % len(absent)]
-            irr.append(("absent class", phrase(c)))
-            irr.append(("absent class + side", phrase(c, attrs["side"])))
-        sides = {m.get("hemisphere") for m in case.lesion_meta if m["cls"] == attrs["cls"]}
-        other = {"left": "right", "right": "left"}[attrs["side"]]
-        if other not in sides and "bilateral" not in sides:
-            irr.append(("present class, wrong side", phrase(attrs["cls"], other)))
+        # irrelevant: absent class (any side), and the present class on a side no lesion of it reaches
         rec["irrelevant"] = []
         empty = _empty_like(case)
-        for kind, ph in irr:
+        for kind, ph, _spec in irrelevant_prompts(case, attrs, ci, all_classes):
             r = runner.run(seg_prompt(ph), ci, case)
             rq = runner.run(f"where is {ph}?", ci, case)
             ans = rq["answer"]
