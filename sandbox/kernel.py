@@ -27,7 +27,7 @@ import zmq
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.session import Session
 
-from . import isolation, seccomp
+from . import fdsync, isolation, seccomp
 from .config import SandboxConfig
 from .kernel_side import MARKER
 from .result import ErrorInfo, ExecutionResult, SandboxError, strip_ansi
@@ -100,6 +100,8 @@ class Kernel:
         self._log_thread: threading.Thread | None = None
         self._closed = False
         self._control_lock = threading.Lock()
+        # tokens of recent steps whose markers did not arrive: if they come later, they are removed
+        self._stale_tokens: collections.deque = collections.deque(maxlen=8)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -382,15 +384,23 @@ class Kernel:
 
         A step past ``timeout`` is interrupted; if it has not stopped ``interrupt_grace`` seconds
         later the kernel is killed. A dead kernel or a lost connection is reported as an error.
+        The step ends once its reply, its ``idle`` status and its end-of-step report or markers
+        (see :mod:`sandbox.fdsync`) are in, or ``fdsync.HOST_WAIT`` seconds after ``idle``.
         """
+        if not isinstance(code, str):
+            raise ValueError(f"code {code!r} must be a string")
         lim = self.config.limits
-        out = _Collector(lim.output_chars, lim.display_chars)
+        token = fdsync.new_token()
+        out = _Collector(lim.output_chars, lim.display_chars, token, self._stale_tokens)
         kc = self.client
         t0 = time.monotonic()
         log_start = self._log_lines
         try:
-            msg_id = kc.execute(code, silent=silent, store_history=not silent, allow_stdin=False,
-                                stop_on_error=False)
+            content = {"code": code, "silent": silent, "store_history": not silent,
+                       "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}
+            msg = kc.session.msg("execute_request", content, metadata={fdsync.META_KEY: token})
+            kc.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
         except zmq.ZMQError:
             self.kill()
             out.error = ErrorInfo("ConnectionLost", "the kernel no longer accepts steps (its end of the "
@@ -403,16 +413,20 @@ class Kernel:
         poller.register(kc.iopub_channel.socket, zmq.POLLIN)
         reply = None
         idle = lost = False
-        reply_at = interrupted_at = None
+        reply_at = interrupted_at = idle_at = None
         last_iopub = t0
         healthy = True
-        while not (reply is not None and idle):
+        # done: the reply and the idle status are in, and the end-of-step markers (fdsync) too, or
+        # they stopped being worth a wait
+        while not (reply is not None and idle and (out.synced() or reply.get("status") == "aborted")):
             now = time.monotonic()
-            if reply is not None and (now - max(reply_at, last_iopub) > _IDLE_AFTER_REPLY
-                                      or now - t0 > timeout + self.config.interrupt_grace):
+            if reply is not None and not idle and (now - max(reply_at, last_iopub) > _IDLE_AFTER_REPLY
+                                                   or now - t0 > timeout + self.config.interrupt_grace):
                 lost = True  # the reply came but the output stream went silent (or never ends)
                 healthy = False
                 break
+            if reply is not None and idle and now - max(reply_at, idle_at) > fdsync.HOST_WAIT:
+                break  # the markers did not come: output written below Python may be incomplete
             if not self.alive():
                 out.error = ErrorInfo("KernelDied", f"the kernel died ({self.exit_description()}); "
                                       "its variables are lost and the next step starts a fresh kernel",
@@ -436,13 +450,14 @@ class Kernel:
                     last_iopub = time.monotonic()
                     while kc.iopub_channel.msg_ready():
                         msg = kc.iopub_channel.get_msg(timeout=0)
-                        if msg["parent_header"].get("msg_id") == msg_id:
-                            idle = out.add(msg) or idle
+                        if msg["parent_header"].get("msg_id") == msg_id and out.add(msg) and not idle:
+                            idle, idle_at = True, time.monotonic()
                 if kc.shell_channel.socket in events:
                     while kc.shell_channel.msg_ready():
                         msg = kc.shell_channel.get_msg(timeout=0)
                         if msg["parent_header"].get("msg_id") == msg_id:
                             reply, reply_at = dict(msg["content"]), time.monotonic()
+                            out.take_report(msg.get("metadata"))
             except (zmq.ZMQError, ValueError, TypeError, KeyError, AttributeError) as exc:
                 self.kill()  # a kernel that breaks the protocol is not trusted with another step
                 out.error = ErrorInfo("ProtocolError", "the kernel sent a malformed message "
@@ -453,6 +468,8 @@ class Kernel:
             out.set_reply(reply)
         if lost:
             out.lost_output()
+        elif healthy and reply is not None and reply.get("status") != "aborted":
+            out.check_synced()
         if interrupted_at is not None and healthy:
             tb = out.error.traceback if out.error else []
             out.error = ErrorInfo("TimeoutError", f"the step ran past its {timeout:g} s timeout and "
@@ -465,8 +482,16 @@ class Kernel:
 class _Collector:
     """Gathers a step's messages into an :class:`ExecutionResult`, enforcing the output caps."""
 
-    def __init__(self, output_limit: int, display_limit: int):
+    def __init__(self, output_limit: int, display_limit: int, token: str = "",
+                 stale_tokens: collections.deque | None = None):
         self.streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        # the step's end-of-step markers (see fdsync), and those of earlier steps that never came
+        self.token = token
+        self.stale_tokens = stale_tokens if stale_tokens is not None else collections.deque()
+        marks = {fdsync.marker(old): "stale" for old in self.stale_tokens}
+        marks[fdsync.marker(token)] = "ok"
+        self.scanners = {name: fdsync.Scanner(marks) for name in self.streams}
+        self.sync: dict[str, str | None] = {name: None for name in self.streams}  # None: pending
         self.sizes = {"stdout": 0, "stderr": 0}
         self.cut = {"stdout": False, "stderr": False}
         # the kernel adds its own marker at output_limit; leave room for it before cutting here
@@ -487,7 +512,11 @@ class _Collector:
             return content.get("execution_state") == "idle"
         if kind == "stream":
             name = "stderr" if content.get("name") == "stderr" else "stdout"
-            self._append(name, str(content.get("text", "")))
+            for text, label in self.scanners[name].feed(str(content.get("text", ""))):
+                if label is None:
+                    self._append(name, text)
+                elif label == "ok":
+                    self.sync[name] = "ok"
         elif kind in ("display_data", "update_display_data", "execute_result"):
             data = dict(content.get("data") or {})
             size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
@@ -520,6 +549,31 @@ class _Collector:
         self.streams[name].append(text[:room] + MARKER.format(limit=self.limit))
         self.cut[name] = self.truncated = True
 
+    def take_report(self, metadata) -> None:
+        """Reads the kernel's end-of-step report from the reply's metadata (see fdsync)."""
+        report = metadata.get(fdsync.META_KEY) if isinstance(metadata, dict) else None
+        if isinstance(report, dict):
+            for name in self.sync:
+                if report.get(name) in ("ok", "failed") and self.sync[name] is None:
+                    self.sync[name] = report[name]
+
+    def synced(self) -> bool:
+        """Whether both streams are settled: marker taken out in the kernel or arrived, or failed."""
+        return None not in self.sync.values()
+
+    def check_synced(self) -> None:
+        """At the end of a healthy step: notes when output written below Python may be incomplete."""
+        self._flush_withheld()
+        if all(label == "ok" for label in self.sync.values()):
+            return
+        if not self.synced():
+            self.stale_tokens.append(self.token)  # its markers may still come, in a later step
+        missing = ", ".join(f"fd {1 + (name == 'stderr')}" for name, label in self.sync.items()
+                            if label != "ok")
+        self._append("stderr", f"\n[sandbox: output written directly to {missing} (os.write, C "
+                     "extensions) may be incomplete: part of it may be missing here or appear in the "
+                     "next step]\n")
+
     def lost_output(self) -> None:
         self.truncated = True
         own = f" (the step itself ended with {self.error})" if self.error else ""
@@ -534,8 +588,16 @@ class _Collector:
         elif status == "aborted":
             self.error = ErrorInfo("Aborted", "the kernel aborted the step")
 
+    def _flush_withheld(self) -> None:
+        for name, scanner in self.scanners.items():  # a withheld end that was no marker after all
+            rest = scanner.flush()
+            if rest:
+                self._append(name, rest)
+
     def result(self, duration: float) -> ExecutionResult:
+        self._flush_withheld()
         return ExecutionResult(stdout="".join(self.streams["stdout"]),
                                stderr="".join(self.streams["stderr"]), error=self.error,
                                display=self.display, value=self.value, duration=duration,
-                               truncated=self.truncated)
+                               truncated=self.truncated,
+                               output_synced=all(label == "ok" for label in self.sync.values()))

@@ -1,4 +1,5 @@
-"""Helpers that live inside the kernel: the output cap and the two ends of ``put``/``get``.
+"""Helpers that live inside the kernel: the output cap, the end-of-step markers (``fdsync``) and
+the kernel's end of ``put``/``get``.
 
 Nothing here is trusted by the host: the model's code can replace any of it. The output cap keeps
 honest code from flooding the connection; the host enforces its own caps on what it receives, and
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from . import fdsync
 
 #: Formats of transferred values, and the file suffix each is stored with.
 FORMATS = {"numpy": ".safetensors", "torch": ".safetensors", "nifti": ".nii", "json": ".json"}
@@ -38,7 +41,7 @@ class _OutputCap:
             used = self.used.get(name, 0)
             self.used[name] = used + len(text)
             room = self.limit - used
-            if room <= 0:
+            if room < 0:  # past the cap: the marker went out with the text that crossed it
                 return len(text)
             if len(text) > room:
                 write(text[:room])
@@ -57,6 +60,7 @@ def install(shell, output_chars: int, workspace: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         cap.wrap(stream)
     shell.events.register("pre_execute", cap.reset)
+    fdsync.install(shell.kernel, [sys.stdout, sys.stderr])
 
 
 def put_value(name: str, filename: str, fmt: str, meta: dict) -> None:

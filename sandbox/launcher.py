@@ -88,7 +88,7 @@ def start_kernel(cfg: dict) -> None:
     from ipykernel.kernelapp import IPKernelApp
     from traitlets.config import Config
 
-    from . import kernel_side
+    from . import fdsync, kernel_side
 
     # ipykernel listens on a TCP loopback port for output of forked subprocesses. The filter
     # forbids both TCP sockets and subprocesses, and libzmq aborts on a refused socket(), so skip it.
@@ -96,6 +96,8 @@ def start_kernel(cfg: dict) -> None:
         self._pipe_flag = False
 
     iostream.IOPubThread._setup_pipe_in = _no_subprocess_pipe
+    # the reader threads of the fd 1/2 pipes also take out the end-of-step markers (fdsync)
+    fdsync.patch_reader(iostream)
 
     conn = cfg["connection"]
     c = Config()

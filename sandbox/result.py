@@ -51,6 +51,12 @@ class ExecutionResult:
         truncated: some output was dropped because of the caps.
         state_lost: the kernel was replaced (timeout it ignored, crash, lost connection): the
             variables of earlier steps are gone.
+        output_synced: the kernel's end-of-step markers arrived, so ``stdout``/``stderr`` hold
+            everything the step wrote to file descriptors 1 and 2 (``os.write``, C extensions)
+            up to its end. ``False`` when they failed or did not come in time (the code closed or
+            replaced the sandbox's own descriptors, the kernel's reader thread stalled, the kernel
+            died): such output may then be missing, or appear in the next step; a healthy step
+            also says so in ``stderr``.
     """
 
     stdout: str = ""
@@ -61,6 +67,7 @@ class ExecutionResult:
     duration: float = 0.0
     truncated: bool = False
     state_lost: bool = False
+    output_synced: bool = True
 
     @property
     def ok(self) -> bool:

@@ -316,3 +316,173 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert "trivial step, sandbox" in table and "MB/s" in table
     data = json.loads(out.read_text())
     assert data["latency"]["sandbox_median_s"] > 0 and data["transfer"]["put_MBps"] > 0
+
+
+# ---------------------------------------------------------------- output below Python (fdsync)
+FD_LIMITS = Limits(output_chars=20_000)
+
+
+@pytest.fixture(scope="module")
+def fdsb():
+    with Sandbox(preamble=["import os, sys, time, ctypes, threading", "import sandbox.fdsync as F"],
+                 limits=FD_LIMITS, allow_unisolated=True, default_timeout=20, interrupt_grace=1.5) as s:
+        yield s
+
+
+def _clean(r) -> bool:
+    """No end-of-step marker (or a piece of one) reached the result."""
+    text = r.stdout + r.stderr + str(r.error)
+    return "\x02" not in text and "sandbox-sync" not in text
+
+
+def test_fd_level_output_belongs_to_its_step(fdsb):
+    # sizes below, at and far above a pipe's buffer (64 KiB): the reader thread lags behind the
+    # big ones, so without the markers their tail would come after the step's reply
+    for k, size in enumerate([1, 999, 1000, 4096, 70_000, 0, 3, 150_000, 17]):
+        body = f"{k}:" + "y" * size
+        err = f"e{k}" * (size // 8 + 1)
+        r = fdsb.execute(f"os.write(1, {body!r}.encode() + b'\\n'); os.write(2, {err!r}.encode())")
+        out, cut = body + "\n", len(body) + 1 > FD_LIMITS.output_chars
+        assert r.ok and r.output_synced and _clean(r), (k, r.error, r.stderr[-300:])
+        if cut:
+            assert r.truncated and r.stdout.startswith(out[:1000]) and "output truncated" in r.stdout
+        else:
+            assert r.stdout == out, (k, r.stdout[:80], len(r.stdout), len(out))
+        assert r.stderr == err or (len(err) > FD_LIMITS.output_chars and r.stderr.startswith(err[:100]))
+
+
+def test_fd_output_of_c_code_and_python_output_together(fdsb):
+    r = fdsb.execute("libc = ctypes.CDLL(None)\n"
+                     "libc.printf(b'from C %d\\n', 42); libc.fflush(None)\n"
+                     "print('from Python')\n"
+                     "os.write(1, b'from os.write\\n')")
+    assert r.ok and r.output_synced and _clean(r), r.error
+    # Python's stream and the fd pipe are not ordered with each other (a pipe's chunk may even
+    # come between print's text and its newline), but each small fd write arrives whole
+    assert "from C 42\n" in r.stdout and "from os.write\n" in r.stdout, r.stdout
+    rest = r.stdout.replace("from C 42\n", "").replace("from os.write\n", "")
+    assert rest == "from Python\n", r.stdout
+    assert fdsb.execute("print(6 * 7)").stdout == "42\n"
+
+
+def test_fd_output_when_the_step_raises(fdsb):
+    r = fdsb.execute("os.write(1, b'x' * 100_000 + b'\\nbefore\\n'); os.write(2, b'err\\n'); 1 / 0")
+    assert r.error.name == "ZeroDivisionError" and r.output_synced and r.truncated and _clean(r)
+    assert r.stderr == "err\n"
+    r = fdsb.execute("1 +")  # a syntax error never runs the code; the step still ends cleanly
+    assert r.error.name == "SyntaxError" and r.output_synced and r.stdout == ""
+    assert fdsb.execute("print(6 * 7)").stdout == "42\n"
+
+
+def test_fd_output_of_an_interrupted_step(fdsb):
+    r = fdsb.execute("while True:\n    os.write(1, b'z' * 500)\n    time.sleep(0.0005)", timeout=0.5)
+    assert r.error.name == "TimeoutError" and "interrupted" in r.error.message and not r.state_lost
+    assert r.output_synced and set(r.stdout.split("\n[sandbox")[0]) <= {"z"} and _clean(r)
+    after = fdsb.execute("print(6 * 7)")
+    assert after.stdout == "42\n" and after.stderr == "", (after.stdout[:100], after.stderr[:100])
+
+
+def test_closing_or_redirecting_fd1_does_not_hang():
+    with Sandbox(preamble=("import os",), allow_unisolated=True, default_timeout=20) as s:
+        t0 = time.monotonic()
+        r = s.execute("os.write(1, b'a' * 80_000 + b'\\n'); os.close(1)\n"
+                      "try:\n    os.write(1, b'lost')\nexcept OSError as e:\n    print('closed', e.errno)")
+        assert r.ok and r.output_synced and _clean(r), r.error
+        assert sorted(r.stdout) == sorted("a" * 80_000 + "\n" + "closed 9\n")  # interleaved: any order
+        r = s.execute("print('py')\nos.write(2, b'e\\n')")
+        assert r.stdout == "py\n" and r.stderr == "e\n" and r.output_synced
+        # the file may get fd 1 itself (it is free now)
+        r = s.execute("fd = os.open('fd1.txt', os.O_WRONLY | os.O_CREAT, 0o600)\n"
+                      "if fd != 1:\n    os.dup2(fd, 1)\n"
+                      "os.write(1, b'to the file\\n'); os.write(2, b'still captured\\n')")
+        assert r.ok and r.output_synced and r.stdout == "" and r.stderr == "still captured\n", r.error
+        r = s.execute("print(open('fd1.txt').read(), end='')\nos.write(2, b'e\\n')")
+        assert r.stdout == "to the file\n" and r.stderr == "e\n" and r.output_synced
+        # the sandbox's own descriptor of the pipe, closed by the step: taken again from fd 2
+        r = s.execute("import sandbox.fdsync as F\nos.close(F._syncs[1].fd); os.write(2, b'x\\n')")
+        assert r.ok and r.output_synced and r.stderr == "x\n", r.error
+        assert time.monotonic() - t0 < 10
+
+
+def test_fd_output_that_cannot_be_synced_is_reported_without_a_long_wait():
+    # the step stops the reader thread of fd 1: nothing drains the pipe any more
+    with Sandbox(preamble=("import os, sys",), allow_unisolated=True) as s:
+        t0 = time.monotonic()
+        r = s.execute("sys.stdout._should_watch = False; os.write(1, b'q\\n'); print('py')")
+        assert r.ok and not r.output_synced and "fd 1" in r.stderr and "may be incomplete" in r.stderr
+        assert "py\n" in r.stdout and _clean(r)
+        assert time.monotonic() - t0 < 1.5  # the kernel says so at once: no wait for a marker
+        r = s.execute("os.write(2, b'e\\n')")
+        assert r.stderr.startswith("e\n") and not r.output_synced  # fd 2 still works
+
+
+def test_lagging_reader_thread_is_waited_for_then_given_up(monkeypatch):
+    from sandbox import fdsync
+    monkeypatch.setattr(fdsync, "HOST_WAIT", 1.5)
+    with Sandbox(preamble=("import os, sys, time, threading, contextlib", "import sandbox.fdsync as F"),
+                 allow_unisolated=True) as s:
+        # the reader thread of fd 1 stalls DELAY seconds on every chunk (as on a loaded machine or
+        # behind a thread that holds the GIL). IPython's per-cell wrapping of write() is turned off
+        # so that the slow write() stays in place. Before the markers, all this output was lost.
+        s.execute("get_ipython()._tee = lambda channel: contextlib.nullcontext()\nF.KERNEL_WAIT = 0.6")
+        r = s.execute("DELAY = 0.2\n_w = sys.stdout.write\n"
+                      "def slow(t):\n"
+                      "    if threading.current_thread() is sys.stdout.watch_fd_thread:\n"
+                      "        time.sleep(DELAY)\n"
+                      "    return _w(t)\n"
+                      "sys.stdout.write = slow")
+        assert r.ok, r.error
+        for k in range(3):  # within the kernel's wait: the marker is taken out there
+            r = s.execute(f"os.write(1, b'{k}\\n')")
+            assert r.stdout == f"{k}\n" and r.output_synced and r.duration > 0.15, (k, r.stdout, r.stderr)
+        # longer than the kernel waits: the kernel forwards the marker, the host waits for it
+        r = s.execute("DELAY = 1.0; os.write(1, b'late\\n')")
+        assert r.stdout == "late\n" and r.output_synced and _clean(r), (r.stdout, r.stderr)
+        # longer than both wait: reported; its output comes with the next step (the behaviour
+        # before the markers), and its late marker is removed there
+        t0 = time.monotonic()
+        r = s.execute("DELAY = 3.0; os.write(1, b'too late\\n')")
+        assert not r.output_synced and "may be incomplete" in r.stderr and r.stdout == "", r.stdout
+        assert time.monotonic() - t0 < 2.9
+        r = s.execute("time.sleep(1.5); DELAY = 0; print('next')")
+        assert r.stdout == "too late\nnext\n" and r.output_synced and _clean(r), (r.stdout, r.stderr)
+        assert s.execute("os.write(1, b'x\\n')").stdout == "x\n"
+
+
+def test_forged_markers_are_harmless(fdsb):
+    # the step knows its own token (it is in the request); printing the marker only cuts it out
+    token = "get_ipython().kernel.get_parent('shell')['metadata'][F.META_KEY]"
+    r = fdsb.execute(f"print('a' + F.marker({token}) + 'b', end='')")
+    assert r.ok and r.output_synced and r.stdout == "ab", (r.error, r.stdout)
+    r = fdsb.execute(f"os.write(1, F.marker({token}).encode() + b'c')")
+    assert r.ok and r.output_synced and r.stdout == "c", (r.error, r.stdout)
+    r = fdsb.execute("print(F.marker('0' * 32) + '|' + F.LEAD + 'x', end='')")  # not this step's
+    from sandbox import fdsync
+    assert r.ok and r.output_synced and r.stdout == fdsync.marker("0" * 32) + "|\x02x"
+    assert fdsb.execute("print(6 * 7)").stdout == "42\n"
+
+
+def test_fd_output_after_a_restart():
+    with Sandbox(preamble=(), allow_unisolated=True) as s:
+        s.execute("import os; os.write(1, b'first\\n')")
+        s.restart()
+        r = s.execute("import os; os.write(1, b'x' * 100_000 + b'\\n'); os.write(2, b'e\\n')")
+        assert r.ok and r.output_synced and r.stdout == "x" * 100_000 + "\n" and r.stderr == "e\n"
+
+
+def test_marker_scanner_handles_split_and_partial_markers():
+    from sandbox import fdsync
+    tok = fdsync.new_token()
+    assert len(tok) == 32 and tok != fdsync.new_token()
+    m = fdsync.marker(tok)
+    text = "ab\x02c" + m + "de\x02"
+    for cut in range(len(text) + 1):  # the marker split anywhere between two pieces
+        sc = fdsync.Scanner({m: "ok"})
+        segments = sc.feed(text[:cut]) + sc.feed(text[cut:])
+        rest = sc.flush()
+        assert "".join(t for t, label in segments if label is None) + rest == "ab\x02cde\x02", cut
+        assert [label for _, label in segments if label] == ["ok"], cut
+    sc = fdsync.Scanner({m: "ok"})
+    assert sc.feed(m[:-1]) == [] and sc.flush() == m[:-1]  # a marker cut short is plain text
+    assert sc.feed("plain") == [("plain", None)]
+    assert [label for _, label in sc.feed(m + m)] == ["ok", "ok"]
