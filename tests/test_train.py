@@ -70,6 +70,7 @@ def test_init_from_weights_starts_a_fresh_run(run, tmp_path):
     assert train.main(["--out", str(fresh), *common]) == 0
     st = torch.load(init / "ckpt" / "state.pt", weights_only=False)
     assert st["step"] == 1  # a fresh optimizer and counters
+    assert st["data_round"] == 4  # a fresh data stream: offset by the 4 examples the weights saw
 
     def dist(out):
         w = checkpoint.load_model(out).state_dict()

@@ -57,6 +57,11 @@ def _stages(logs):
     return stages
 
 
+def stage_name(log: Path) -> str:
+    """``run`` for ``run/metrics.jsonl``, ``2-lm-v2`` for ``2-lm-v2.metrics.jsonl``."""
+    return log.parent.name if log.name == "metrics.jsonl" else log.name.split(".")[0]
+
+
 def _per_step(train: list[dict]) -> int:
     return train[0]["examples"] if train[0]["step"] == 1 else 0
 
@@ -95,7 +100,7 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
         if si > 0:
             for a in ax:
                 a.axvline(x[0], color="0.5", ls="--", lw=0.8)
-        ax[0].text(x[0], 1.0, f" {log.parent.name}", transform=ax[0].get_xaxis_transform(), va="top",
+        ax[0].text(x[0], 1.0, f" {stage_name(log)}", transform=ax[0].get_xaxis_transform(), va="top",
                    fontsize=8, color="0.3")
         hours += train[-1].get("wall_s", 0) / 3600
     ax[0].set_ylabel("code-token CE (nats)")
@@ -109,7 +114,7 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
     ax[2].set_yscale("log")
     ax[2].set_xlabel("training examples seen")
     ex = int(stages[-1][1][-1]["x"])
-    name = " + ".join(log.parent.name for log, _, _ in stages)
+    name = " + ".join(stage_name(log) for log, _, _ in stages)
     fig.suptitle(title or f"{name}: {ex} examples, {hours:.2f} h")
     fig.tight_layout()
     out = Path(out)

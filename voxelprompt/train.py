@@ -35,7 +35,9 @@ CPU cores the vision network costs ~20x the language model per example, so p = 0
 language model see ~3x more programs per hour at about the same number of vision updates.
 
 On resume the data stream restarts with a fresh seed (``data_round`` in the state is
-incremented), so no subject is seen twice; validation subjects come from a separate seed range.
+incremented), so no subject is seen twice; a run started with ``--init`` offsets ``data_round`` by
+the number of examples the given weights were trained on (from their ``model.json``), so a new
+stage does not replay its parent's stream. Validation subjects come from a separate seed range.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tok = Tokenizer()
 
+    init_examples = 0               # with --init: the examples the given weights were trained on
     ck = find_checkpoint(out) if args.resume else None
     if args.resume and ck is None:
         print(f"error: --resume but no checkpoint in {out}", file=sys.stderr)
@@ -234,9 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(ck / "model.safetensors", device).train()
         st = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
     elif args.init:
-        from .checkpoint import load_model
+        from .checkpoint import config_path, load_model
         model = load_model(Path(args.init), device).train()
         st = None
+        try:    # a stage started from saved weights draws fresh subjects, not its parent's stream again
+            init_examples = int(json.loads(config_path(Path(args.init)).read_text()).get("examples", 0))
+        except (OSError, ValueError):
+            init_examples = 0
     else:
         cfg = get_config(args.config)
         if args.vocab_from_tokenizer or cfg.lm.vocab_size < tok.vocab_size:
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam([{"params": list(model.lm.parameters()), "mult": 1.0},
                             {"params": list(model.vision.parameters()), "mult": args.vision_lr_mult}], lr=args.lr)
     state = {"step": 0, "examples": 0, "wall_s": 0.0, "lr": args.lr, "best_val": math.inf, "bad_vals": 0,
-             "data_round": 0, "skipped": 0, "seed": args.seed, "args": vars(args)}
+             "data_round": init_examples, "skipped": 0, "seed": args.seed, "args": vars(args)}
     if st is not None:
         osd = st["optimizer"]
         if len(osd["param_groups"]) != len(opt.param_groups):
