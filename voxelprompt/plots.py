@@ -100,7 +100,7 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
         if si > 0:
             for a in ax:
                 a.axvline(x[0], color="0.5", ls="--", lw=0.8)
-        ax[0].text(x[0], 1.0, f" {stage_name(log)}", transform=ax[0].get_xaxis_transform(), va="top",
+        ax[0].text(x[0], 1.0 - 0.06 * (si % 2), f" {stage_name(log)}", transform=ax[0].get_xaxis_transform(), va="top",
                    fontsize=8, color="0.3")
         hours += train[-1].get("wall_s", 0) / 3600
     ax[0].set_ylabel("code-token CE (nats)")
