@@ -278,8 +278,8 @@ CASES = [
     case("memory_outside_rlimit_as", """
         print(libc.memfd_create(b'x', 0), libc.shmget(0, 2**30, 0o1600), os.access('/dev/shm', os.W_OK))
         """, prints("-1 -1 False"), libc=True),
-    case("memory_recovered", "del blocks\nimport gc; gc.collect(); x = bytearray(2**28); print(len(x))",
-         prints(str(2**28))),
+    case("memory_recovered", "del blocks\nimport gc; gc.collect(); x = bytearray(2**26); print(len(x))",
+         prints(str(2**26))),
     case("cpu_infinite_loop", "while True:\n    pass", interrupted, timeout=1),
     case("sleep_past_timeout", "import time; time.sleep(3600)", interrupted, timeout=1),
     case("ignore_the_interrupt", """
