@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .bench_native import machine
+    from .bench_native import machine, write_json
     from .configs import CONFIGS
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad:
@@ -119,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
            "repeats": args.repeats, "results": results, "machine": machine(), "wall_s": time.perf_counter() - t0}
     print_table(res)
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(res, f, indent=2, default=float)
-        print(f"wrote {args.json_path}")
+        write_json(args.json_path, res)
     return 0
 
 

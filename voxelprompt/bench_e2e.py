@@ -22,7 +22,6 @@ directory); the shipped one by default.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -139,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     res["checkpoint"] = str(args.checkpoint or "default")
     print_table(res)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(res, indent=2, default=str) + "\n")
-        print(f"wrote {args.json_path}")
+        from .bench_native import write_json
+        write_json(args.json_path, res, default=str)
     return 0
 
 

@@ -341,6 +341,13 @@ def summarize(rows: list[dict], inputs) -> dict:
     return out
 
 
+def write_json(path, res: dict, default=float) -> None:
+    """Writes a command's results as indented JSON (``default`` converts what json cannot) and says so."""
+    from pathlib import Path
+    Path(path).write_text(json.dumps(res, indent=2, default=default) + "\n")
+    print(f"wrote {path}")
+
+
 def machine() -> dict:
     import torch
     cpu = platform.processor() or platform.machine()
@@ -411,9 +418,7 @@ def main(argv: list[str] | None = None) -> int:
               args.device, args.threads, args.seed)
     print_table(res)
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(res, f, indent=2, default=float)
-        print(f"wrote {args.json_path}")
+        write_json(args.json_path, res)
     return 0
 
 

@@ -21,12 +21,10 @@ Prints the table; ``--out`` writes the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -204,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no paired examples could be sampled")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
+        from .bench_native import write_json
+        write_json(args.out, res, default=str)
     return 0
 
 
