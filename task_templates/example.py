@@ -48,6 +48,8 @@ class Step:
 
     code: str                  # Python with <MOD> markers
     output: str = ""           # expected printed output (fed back to the model as input tokens)
+    target: bool = True        # False: context the model is not trained to write (a faulty step
+    #                            it recovers from, voxelprompt/recovery.py)
 
 
 @dataclass

@@ -180,7 +180,9 @@ def test_follow_ups_keep_state_errors_are_fed_back_and_limits_stop(tmp_path, poo
             return [Step("import time\ntime.sleep(30)"), Step("print(v)")]
         if state.turn == 3:
             return [Step(f"i = {k}") for k in range(50)]   # never reports: hits max_steps
-        return [Step("time.sleep(0.4)") for k in range(50)]   # hits max_seconds
+        if state.turn == 4:
+            return [Step("time.sleep(0.4)") for k in range(50)]   # hits max_seconds
+        return [Step("print(undefined_name)") for k in range(5)]  # the same failure twice: stops
 
     conv = Conversation(prepare_inputs({"t1": img}, copy_dir=tmp_path), ScriptedPolicy(script), out_dir=tmp_path,
                         limits=AgentLimits(max_steps=5, step_timeout=2.0), pool=pool)
@@ -206,8 +208,12 @@ def test_follow_ups_keep_state_errors_are_fed_back_and_limits_stop(tmp_path, poo
         conv.limits = AgentLimits(max_steps=50, max_seconds=1.0, step_timeout=2.0)
         a5 = conv.ask("slow")
         assert a5.status == "time_limit" and "1 s" in a5.message and 2 <= len(a5.steps) <= 4
+        conv.limits = AgentLimits(max_steps=5, step_timeout=2.0)
+        a6 = conv.ask("repeat")
+        assert a6.status == "repeated_error" and len(a6.steps) == 2
+        assert "NameError: name 'undefined_name' is not defined" in a6.message
     tr = Transcript.load(tmp_path)
-    assert [t["status"] for t in tr.turns] == ["done", "done", "done", "step_limit", "time_limit"]
+    assert [t["status"] for t in tr.turns] == ["done", "done", "done", "step_limit", "time_limit", "repeated_error"]
     assert validate(tr.data) == []
 
 

@@ -342,3 +342,23 @@ def test_empty_target_gets_a_dense_mask_gradient():
     g_bce = logits.grad.abs().mean().item()
     assert g_bce > 1000 * g_dice
     assert float(voxel_bce(torch.full((4,), 0.5), torch.ones(4))) == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_batched_segment_loss_matches_the_sequential_one(tok):
+    """lm_loss(segment=True): each segment call's mask loss, with φ from the batched pass, is the
+    one :meth:`loss` computes for the sequence alone (here no ε precedes the call), and the
+    Dice gradient reaches the vision network and the language model through φ."""
+    model = _model(tok, seed=3).train()
+    ex = _example()
+    short = dataclasses.replace(ex, steps=ex.steps[:1], vision_calls=ex.vision_calls[:1])
+    seqs = [build_sequence(ex, tok), build_sequence(short, tok)]
+    batched = model.lm_loss(seqs, segment=True)
+    assert batched.n_masks == 2
+    with torch.no_grad():
+        alone = [model.loss(s, segment=True) for s in seqs]
+    assert float(batched.dice.detach()) == pytest.approx(sum(float(o.dice) for o in alone) / 2, abs=1e-4)
+    batched.total.backward()
+    assert model.vision.enc[0].conv.weight.grad.abs().sum() > 0
+    assert model.lm.phi_head[0].weight.grad.abs().sum() > 0
+    assert model.lm.llama.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.lm_loss(seqs).n_masks == 0            # the default stays language-model only

@@ -49,6 +49,14 @@ STEM_ALIASES = {**{s: s for s in MODALITIES}, **CONTRAST_STEM, "t1ce": "t1c", "t
 MAX_EPS_ROWS = 256
 
 
+def _repeats_a_failure(steps: list[dict]) -> bool:
+    """Whether the last step repeats the code of an earlier step of the turn that failed the same way."""
+    last = steps[-1]
+    key = (last["code"].strip(), last["error"]["name"], last["error"]["message"])
+    return any(s["error"] and (s["code"].strip(), s["error"]["name"], s["error"]["message"]) == key
+               for s in steps[:-1])
+
+
 class AgentError(RuntimeError):
     """The agent cannot run: bad inputs, a missing checkpoint, a broken kernel."""
 
@@ -266,7 +274,9 @@ class Answer:
         text: the answer (``report(answer=...)``, else the measurements spelled out).
         measurements: name, value, unit.
         outputs: output volumes by name.
-        status: ``done``, ``step_limit``, ``token_limit``, ``time_limit``, ``context_limit`` or ``error``.
+        status: ``done``, ``step_limit``, ``token_limit``, ``time_limit``, ``context_limit``,
+            ``repeated_error`` (the model wrote a step that had already failed, with the same error:
+            greedy decoding would loop) or ``error``.
         message: why it stopped, when not ``done``.
         transcript: the conversation's transcript (all questions so far).
         turn: index of this question in the transcript.
@@ -584,6 +594,11 @@ class Conversation:
                 self._emit({"event": "step", "turn": index, **{k: rec[k] for k in (
                     "index", "code", "output", "error", "duration_s", "generation_s", "tokens")}})
                 if step.stop:
+                    break
+                if rec["error"] and _repeats_a_failure(turn["steps"]):
+                    err = rec["error"]
+                    status, message = "repeated_error", (f"stopped: the model wrote a step that had already "
+                                                         f"failed, again ({err['name']}: {err['message']})")
                     break
                 if step.truncated:   # as in evaluation: a step cut at the token limit ends the question
                     status, message = "token_limit", (f"stopped: a code step reached {lim.max_step_tokens} tokens "

@@ -35,6 +35,8 @@ class DataConfig:
     rich_max_acquisitions: int | None = None   # cap on RICH_PROTOCOL sessions (None: all 6)
     sparsify_prob: float = 0.5         # seeds/004 B.2 random sparsification
     strict: bool = False               # raise on a failed draw instead of skipping it
+    recovery_prob: float = 0.0         # share of examples rewritten with a failing step and its
+    #                                    recovery (voxelprompt/recovery.py); training sets 0.15
 
 
 def rich_protocol(rng: np.random.Generator, max_acquisitions: int | None = None) -> list[list[str]]:
@@ -59,6 +61,8 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
     from synth.subject import generate_subject
     from task_templates import CATEGORIES, Case, Skip, sample
 
+    from .recovery import with_recovery
+
     rng = np.random.default_rng(seed)
     anatomy = "atlas" if rng.random() < cfg.atlas_share else "phantom"
     rich = rng.random() < cfg.rich_share
@@ -72,7 +76,10 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
     for _ in range(cfg.examples_per_subject):
         cat = cats[int(rng.integers(len(cats)))]
         try:
-            out.append(sample(case, rng, cat, split=cfg.split))
+            ex = sample(case, rng, cat, split=cfg.split)
+            if cfg.recovery_prob and rng.random() < cfg.recovery_prob:
+                ex = with_recovery(ex, rng) or ex
+            out.append(ex)
         except Skip:
             continue
         except Exception:  # noqa: BLE001 - one bad draw (e.g. a mask too small for this grid) must not lose the subject

@@ -627,13 +627,18 @@ class VoxelPrompt(nn.Module):
             vols.append(v)
         return vols, [seq.sessions.get(n, 0) for n in call.volumes]
 
-    def lm_loss(self, seqs: Sequence[TokenSequence]) -> LossOutput:
-        """Batched teacher-forced CE of the language model alone (the ``lm`` training stage).
+    def lm_loss(self, seqs: Sequence[TokenSequence], segment: bool = False) -> LossOutput:
+        """Batched teacher-forced CE of the language model (the ``lm`` training stage).
 
         The sequences are right-padded into one batch (causal attention: no real token sees a pad);
-        no vision call runs, so the ε slots keep the zero embedding of ``<pad>``. Several times
+        no ``encode`` call runs, so the ε slots keep the zero embedding of ``<pad>``. Several times
         faster per example than :meth:`loss` on CPU: it teaches the program grammar, the
-        prompt → structure mapping and when to stop; the ``joint`` stage then teaches φ and ε.
+        prompt → structure mapping and when to stop.
+
+        With ``segment=True`` the segment calls also run, with φ read from the same batched pass,
+        and add λ · (soft Dice + w · BCE) as in :meth:`loss`: the vision network and φ train at
+        the batched pass's cost (a φ whose ``<MOD>`` comes after an ε slot sees zeros there; the
+        ``joint`` stage trains that case and ε).
         """
         dev = self.lm.head.weight.device
         n = max(len(s) for s in seqs)
@@ -646,8 +651,35 @@ class VoxelPrompt(nn.Module):
         h = self.lm(self.lm.embed(ids))
         keep = labels != IGNORE                 # the token head runs on target positions only
         ce = F.cross_entropy(self.lm.head(h[keep]), labels[keep])
-        zero = ce.new_zeros(())
-        return LossOutput(ce, ce, zero, int((labels != IGNORE).sum()), 0)
+        dices, bces = [], []
+        if segment:
+            for i, s in enumerate(seqs):
+                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces)
+        return self._total(ce, dices, bces, int(keep.sum()))
+
+    def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
+                     dices: list, bces: list) -> None:
+        """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``."""
+        for call in seq.calls:
+            if call.kind != "segment" or not call.targets:
+                continue
+            vols, sessions = self._call_inputs(seq, call)
+            phi = self.lm.phi_head(h[mods[call.mods]])
+            merged = merge_sessions(self.vision(vols, phi), [v.shape for v in vols],
+                                    [v.affine for v in vols], sessions)
+            if len(merged) != len(call.targets):
+                raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
+                                 f"{len(call.targets)} targets")
+            for (pred, (shape, aff)), tgt in zip(merged, call.targets):
+                t = _target_on(tgt, shape, aff).to(pred)
+                dices.append(soft_dice_loss(pred, t))
+                bces.append(voxel_bce(pred, t))
+
+    def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int) -> LossOutput:
+        """CE + λ · (mean soft Dice + w · mean BCE) over the segment targets (CE alone if none)."""
+        dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
+        mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
+        return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices))
 
     def loss(self, seq: TokenSequence, segment: bool = True) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.
@@ -685,24 +717,9 @@ class VoxelPrompt(nn.Module):
         labels = seq.labels.to(dev)
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
         dices, bces = [], []
-        for call in seq.calls:
-            if not segment or call.kind != "segment" or not call.targets:
-                continue
-            vols, sessions = self._call_inputs(seq, call)
-            phi = self.lm.phi_head(h[mods[call.mods]])
-            merged = merge_sessions(self.vision(vols, phi), [v.shape for v in vols],
-                                    [v.affine for v in vols], sessions)
-            if len(merged) != len(call.targets):
-                raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
-                                 f"{len(call.targets)} targets")
-            for (pred, (shape, aff)), tgt in zip(merged, call.targets):
-                t = _target_on(tgt, shape, aff).to(pred)
-                dices.append(soft_dice_loss(pred, t))
-                bces.append(voxel_bce(pred, t))
-        dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
-        mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
-        return LossOutput(ce + self.config.dice_weight * mask, ce, dice,
-                          int((labels != IGNORE).sum()), len(dices))
+        if segment:
+            self._mask_losses(seq, h, mods, dices, bces)
+        return self._total(ce, dices, bces, int((labels != IGNORE).sum()))
 
 
 def _target_on(target, shape, affine) -> torch.Tensor:

@@ -13,7 +13,8 @@ argument, in call order. ``</s>`` closes every input turn (prompt and output), s
 always starts writing code right after ``</s>``.
 
 Targets (teacher-forced cross-entropy) are the code tokens, ``<ENDSTEP>`` and ``<STOP>``; the
-prompt, ``<OUT>``, outputs and ``</s>`` are inputs only.
+prompt, ``<OUT>``, outputs and ``</s>`` are inputs only, and so is the code of a step marked
+``target=False`` (a faulty step in an error-recovery example, voxelprompt/recovery.py).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def build_sequence(example, tok: Tokenizer, max_output_tokens: int = MAX_OUTPUT_
         if len(step_mods) != need:
             raise ValueError(f"step {si} has {len(step_mods)} <MOD> markers but its vision calls take "
                              f"{need} volume arguments")
-        push(code + [tok.endstep_id], True)
+        push(code + [tok.endstep_id], step.target)
         push([tok.out_id], False)
         for vc in step_calls:
             first = len(mods)

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS messages (
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     idx        INTEGER NOT NULL,
     prompt     TEXT NOT NULL,
-    status     TEXT NOT NULL,        -- running, done, step_limit, ..., error, interrupted
+    status     TEXT NOT NULL,        -- running, done, step_limit, ..., repeated_error, error, interrupted
     message    TEXT,
     answer     TEXT,                 -- JSON response body
     created    TEXT NOT NULL,

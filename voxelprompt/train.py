@@ -180,14 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up (optimizer steps)")
     p.add_argument("--stage", default="joint", choices=["joint", "lm"],
                    help="joint: CE + Dice with the live vision network, one example at a time; lm: batched "
-                        "language-model-only CE (no vision calls, ε slots zero), for fast program learning")
+                        "CE with the ε slots zero (no encode calls), for fast program learning; with "
+                        "--vision-prob > 0 its segment calls run too, φ read from the batched pass")
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step in the lm stage")
     p.add_argument("--accum", type=int, default=4, help="examples per optimizer step (gradient accumulation)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--vision-lr-mult", type=float, default=1.0,
                    help="learning-rate multiplier of the vision network (relative to --lr)")
-    p.add_argument("--vision-prob", type=float, default=1.0,
-                   help="share of examples whose segment calls run (Dice term); the rest train the LM only")
+    p.add_argument("--vision-prob", type=float, default=None,
+                   help="share of examples (joint) or batches (lm) whose segment calls run (Dice term); the "
+                        "rest train the LM only. Default: 1 for joint, 0 for lm")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: in-process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=3, help="validations without improvement before halving LR")
     p.add_argument("--examples-per-subject", type=int, default=8)
     p.add_argument("--max-acquisitions", type=int, default=3)
+    p.add_argument("--recovery-prob", type=float, default=0.15,
+                   help="share of examples with a failing step, its error and the corrected step "
+                        "(voxelprompt/recovery.py), so the model learns to read errors")
     p.add_argument("--data-resolution", type=float, default=None, help="synthetic grid (mm); default: the model's floor")
     p.add_argument("--vocab-from-tokenizer", action="store_true",
                    help="set the LM vocabulary to the tokenizer's size (for configs sized otherwise)")
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.vision_prob is None:
+        args.vision_prob = 1.0 if args.stage == "joint" else 0.0
     from tqdm import tqdm
 
     from .model import VoxelPrompt
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_cfg = data_config_for(model.config, examples_per_subject=args.examples_per_subject,
                                max_acquisitions=args.max_acquisitions, rich_max_acquisitions=args.max_acquisitions,
+                               recovery_prob=args.recovery_prob,
                                **({"resolution": args.data_resolution} if args.data_resolution else {}))
     (out / "run.json").write_text(json.dumps({"model": model.config.to_dict(), "data": asdict(data_cfg),
                                               "params": model.num_parameters(), "args": vars(args)}, indent=2))
@@ -337,11 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                         pending = [pool[i:i + args.batch] for i in range(0, len(pool), args.batch)]
                         random.shuffle(pending)
                     seqs = pending.pop()
+                    seg = args.vision_prob >= 1.0 or random.random() < args.vision_prob
                     with _autocast(device):
-                        o = model.lm_loss(seqs)
+                        o = model.lm_loss(seqs, segment=seg)
                     o.total.backward()
                     n_ok, n_tok = len(seqs), o.n_tokens
                     ces.append(float(o.ce.detach()))
+                    if o.n_masks:
+                        dices.append(float(o.dice.detach()))
                 while args.stage == "joint" and n_ok < args.accum:
                     ex = next(stream)
                     try:
@@ -376,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(ce=f"{rec['ce']:.3f}", dice=f"{rec['dice_loss'] or 0:.3f}",
                                 lr=f"{rec['lr']:.1e}", ex_s=f"{rec['ex_per_s']:.2f}", refresh=False)
                 if val and state["step"] % args.val_every == 0:
-                    v = validate(model, val, tok, device, segment=args.stage == "joint")
+                    v = validate(model, val, tok, device, segment=args.vision_prob > 0)
                     v.update(kind="val", step=state["step"], examples=state["examples"], lr=state["lr"],
                              wall_s=round(state["wall_s"], 1))
                     if v["loss"] < state["best_val"] * 0.995:

@@ -60,7 +60,7 @@ SCHEMA: dict = {
             "properties": {
                 "index": {"type": "integer"}, "prompt": _str, "header": _str, "started": _str,
                 "status": {"enum": ["running", "done", "step_limit", "token_limit", "time_limit", "context_limit",
-                                   "error"]},
+                                   "repeated_error", "error"]},
                 "message": _nstr,
                 "steps": {"type": "array", "items": {
                     "type": "object",
