@@ -362,3 +362,13 @@ def test_batched_segment_loss_matches_the_sequential_one(tok):
     assert model.lm.phi_head[0].weight.grad.abs().sum() > 0
     assert model.lm.llama.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.lm_loss(seqs).n_masks == 0            # the default stays language-model only
+
+
+def test_batched_segment_loss_can_be_restricted_to_some_rois(tok):
+    """--vision-rois: only the calls whose ROI matches get a mask loss."""
+    import re
+    model = _model(tok, seed=3)
+    seq = build_sequence(_example(), tok)
+    seq.calls[0].roi = "lesion:1"
+    assert model.lm_loss([seq], segment=True, rois=re.compile("^lesion")).n_masks == 1
+    assert model.lm_loss([seq], segment=True, rois=re.compile("^absent")).n_masks == 0

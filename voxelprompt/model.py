@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -627,7 +628,8 @@ class VoxelPrompt(nn.Module):
             vols.append(v)
         return vols, [seq.sessions.get(n, 0) for n in call.volumes]
 
-    def lm_loss(self, seqs: Sequence[TokenSequence], segment: bool = False) -> LossOutput:
+    def lm_loss(self, seqs: Sequence[TokenSequence], segment: bool = False,
+                rois: re.Pattern | None = None) -> LossOutput:
         """Batched teacher-forced CE of the language model (the ``lm`` training stage).
 
         The sequences are right-padded into one batch (causal attention: no real token sees a pad);
@@ -638,7 +640,8 @@ class VoxelPrompt(nn.Module):
         With ``segment=True`` the segment calls also run, with φ read from the same batched pass,
         and add λ · (soft Dice + w · BCE) as in :meth:`loss`: the vision network and φ train at
         the batched pass's cost (a φ whose ``<MOD>`` comes after an ε slot sees zeros there; the
-        ``joint`` stage trains that case and ε).
+        ``joint`` stage trains that case and ε). ``rois`` restricts the mask loss to the calls
+        whose ROI (``"lesion:1"``, ``"absent:glioma"``, ``"Left-Hippocampus"``) it matches.
         """
         dev = self.lm.head.weight.device
         n = max(len(s) for s in seqs)
@@ -654,14 +657,14 @@ class VoxelPrompt(nn.Module):
         dices, bces = [], []
         if segment:
             for i, s in enumerate(seqs):
-                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces)
+                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois)
         return self._total(ce, dices, bces, int(keep.sum()))
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
-                     dices: list, bces: list) -> None:
+                     dices: list, bces: list, rois: re.Pattern | None = None) -> None:
         """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``."""
         for call in seq.calls:
-            if call.kind != "segment" or not call.targets:
+            if call.kind != "segment" or not call.targets or (rois is not None and not rois.search(call.roi)):
                 continue
             vols, sessions = self._call_inputs(seq, call)
             phi = self.lm.phi_head(h[mods[call.mods]])

@@ -52,6 +52,7 @@ class CallSlots:
     mods: list[int]                # indices into TokenSequence.mod_positions, one per volume
     targets: list[Any] = field(default_factory=list)   # segment: one truth mask per session
     eps_positions: list[int] = field(default_factory=list)  # encode: the ε slots, one per volume
+    roi: str = ""                  # what the call segments (task_templates.VisionCall.roi)
 
 
 @dataclass
@@ -124,7 +125,8 @@ def build_sequence(example, tok: Tokenizer, max_output_tokens: int = MAX_OUTPUT_
             first = len(mods)
             mods.extend(step_mods[:len(vc.volumes)])
             step_mods = step_mods[len(vc.volumes):]
-            slots = CallSlots(vc.kind, list(vc.volumes), list(range(first, len(mods))), list(vc.targets))
+            slots = CallSlots(vc.kind, list(vc.volumes), list(range(first, len(mods))), list(vc.targets),
+                              roi=vc.roi)
             if vc.kind == "encode":
                 slots.eps_positions = list(range(len(ids), len(ids) + len(vc.volumes)))
                 push([tok.pad_id] * len(vc.volumes), False)

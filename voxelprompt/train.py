@@ -48,6 +48,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-prob", type=float, default=None,
                    help="share of examples (joint) or batches (lm) whose segment calls run (Dice term); the "
                         "rest train the LM only. Default: 1 for joint, 0 for lm")
+    p.add_argument("--vision-rois", default=None, metavar="REGEX",
+                   help="lm stage: run only the segment calls whose ROI matches, e.g. '^(lesion|absent)' "
+                        "(lesions are learnt from far fewer calls than 100+ anatomical structures)")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: in-process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--seed", type=int, default=0)
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.vision_prob is None:
         args.vision_prob = 1.0 if args.stage == "joint" else 0.0
+    rois = re.compile(args.vision_rois) if args.vision_rois else None
     from tqdm import tqdm
 
     from .model import VoxelPrompt
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     seqs = pending.pop()
                     seg = args.vision_prob >= 1.0 or random.random() < args.vision_prob
                     with _autocast(device):
-                        o = model.lm_loss(seqs, segment=seg)
+                        o = model.lm_loss(seqs, segment=seg, rois=rois)
                     o.total.backward()
                     n_ok, n_tok = len(seqs), o.n_tokens
                     ces.append(float(o.ce.detach()))
