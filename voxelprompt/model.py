@@ -684,12 +684,13 @@ class VoxelPrompt(nn.Module):
         mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
         return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices))
 
-    def loss(self, seq: TokenSequence, segment: bool = True) -> LossOutput:
+    def loss(self, seq: TokenSequence, segment: bool = True, rois: re.Pattern | None = None) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.
 
         With ``segment=False`` the segment calls are not run (no Dice term; ``encode`` calls still
         run, their ε are inputs): the language-model-only step training uses on a share of the
-        examples, since on CPU the vision network costs ~20× the language model.
+        examples, since on CPU the vision network costs ~20× the language model. ``rois`` restricts the
+        mask loss to the calls whose ROI it matches (see :meth:`lm_loss`).
 
         The sequence is run in chunks split at the ε slots of ``encode`` calls: each chunk
         extends the KV cache, so the φ of a call (read at its ``<MOD>`` s, earlier in the
@@ -721,7 +722,7 @@ class VoxelPrompt(nn.Module):
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
         dices, bces = [], []
         if segment:
-            self._mask_losses(seq, h, mods, dices, bces)
+            self._mask_losses(seq, h, mods, dices, bces, rois)
         return self._total(ce, dices, bces, int((labels != IGNORE).sum()))
 
 

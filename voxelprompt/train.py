@@ -102,17 +102,18 @@ def validation_set(data_cfg: DataConfig, n_subjects: int, cache: Path | None = N
 
 
 @torch.no_grad()
-def validate(model, examples, tok, device, segment: bool = True) -> dict:
+def validate(model, examples, tok, device, segment: bool = True, rois=None) -> dict:
     """Mean CE (per example), soft-Dice loss and total over a fixed set of examples.
 
-    ``segment=False`` skips the segment calls (no Dice; the total is the CE).
+    ``segment=False`` skips the segment calls (no Dice; the total is the CE); ``rois`` (a compiled
+    pattern) scores only the segment calls whose ROI it matches, as in training.
     """
     model.eval()
     ces, dices, tot, ok = [], [], [], 0
     for ex in examples:
         try:
             with _autocast(device):
-                out = model.loss(build_sequence(ex, tok), segment=segment)
+                out = model.loss(build_sequence(ex, tok), segment=segment, rois=rois)
         except Exception:
             continue
         ok += 1
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(ce=f"{rec['ce']:.3f}", dice=f"{rec['dice_loss'] or 0:.3f}",
                                 lr=f"{rec['lr']:.1e}", ex_s=f"{rec['ex_per_s']:.2f}", refresh=False)
                 if val and state["step"] % args.val_every == 0:
-                    v = validate(model, val, tok, device, segment=args.vision_prob > 0)
+                    v = validate(model, val, tok, device, segment=args.vision_prob > 0, rois=rois)
                     v.update(kind="val", step=state["step"], examples=state["examples"], lr=state["lr"],
                              wall_s=round(state["wall_s"], 1))
                     if v["loss"] < state["best_val"] * 0.995:
