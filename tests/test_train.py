@@ -115,6 +115,17 @@ def test_run_example_with_oracle_like_model_matches(run):
     sc = evaluate.score_example(ex, fake, classes)
     assert sc["exact"] and sc["executed"]
     assert all(d["dice"] == pytest.approx(1.0) for d in sc["dice"])
+    assert sc["recovered"] is None                   # nothing failed: not counted either way
+    # a step raised, the model rewrote it and finished: not "executed", but "recovered"
+    bad = dict(fake, steps=["print(x)"] + fake["steps"], errors=["NameError: name 'x' is not defined"],
+               failed=[True] + [False] * len(fake["steps"]))
+    sc2 = evaluate.score_example(ex, bad, classes)
+    assert not sc2["executed"] and sc2["recovered"] is True
+    stuck = dict(bad, failed=[True, False, True], stopped=False)
+    sc3 = evaluate.score_example(ex, stuck, classes)
+    assert sc3["recovered"] is False
+    summary = evaluate.summarize([sc, sc2, sc3])
+    assert summary["recovered_after_error"] == 0.5 and summary["recovered_n"] == 2
 
 
 def test_cli_dispatch(run, tmp_path, capsys):

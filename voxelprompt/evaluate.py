@@ -119,7 +119,7 @@ def run_example(model, tok, example, max_steps: int = 8, max_tokens: int = 400) 
     ns = rt.namespace()
     state = model.lm.start()
     model.lm.feed(state, ids=header_ids(tok, example.header()))
-    steps, errors, stopped, truncated = [], [], False, False
+    steps, errors, failed, stopped, truncated = [], [], [], False, False
     for _ in range(max_steps):
         so = model.generate_step(state, max_tokens=max_tokens)
         body = [i for i in so.ids if i not in (tok.endstep_id, tok.stop_id)]
@@ -136,11 +136,13 @@ def run_example(model, tok, example, max_steps: int = 8, max_tokens: int = 400) 
             with contextlib.redirect_stdout(buf), _time_limit(STEP_TIME_LIMIT):
                 exec(compile(strip_mod(code), "<step>", "exec"), ns)
             text = buf.getvalue()
+            failed.append(False)
         except BaseException as exc:  # noqa: BLE001 - any failure of generated code is a result
             if isinstance(exc, KeyboardInterrupt):
                 raise
             text = buf.getvalue() + f"{type(exc).__name__}: {exc}\n"
             errors.append(f"{type(exc).__name__}: {exc}")
+            failed.append(True)
         if len(text) > MAX_OUTPUT:
             text = text[:MAX_OUTPUT] + "\n... [output truncated]"
         if so.stopped or truncated:
@@ -150,7 +152,7 @@ def run_example(model, tok, example, max_steps: int = 8, max_tokens: int = 400) 
         if backend.eps:
             model.lm.feed(state, embeds=torch.cat(backend.eps))
         model.lm.feed(state, ids=output_ids(tok, text))
-    return {"steps": steps, "errors": errors, "stopped": stopped, "truncated": truncated,
+    return {"steps": steps, "errors": errors, "failed": failed, "stopped": stopped, "truncated": truncated,
             "report": rt.result, "segments": backend.segments, "mod_mismatch": backend.mod_mismatch}
 
 
@@ -195,6 +197,9 @@ def score_example(example, run: dict, lesion_class: dict) -> dict:
     truth_steps = [norm_code(s.code) for s in example.steps]
     exact = [norm_code(s) for s in run["steps"]] == truth_steps
     executed = not run["errors"] and run["stopped"] and not run["truncated"]
+    # a step failed, the model read the error and went on to finish (its last step ran cleanly)
+    recovered = (bool(run["errors"]) and run["stopped"] and not run["truncated"]
+                 and not (run.get("failed") or [True])[-1]) if run["errors"] else None
     dices, absent = [], []
     gt_seg = [c for c in example.vision_calls if c.kind == "segment"]
     for i, call in enumerate(gt_seg):
@@ -228,7 +233,7 @@ def score_example(example, run: dict, lesion_class: dict) -> dict:
         got = rep.measurements.get(name)
         meas[name] = math.inf if got is None else _rel_err(got["value"], m["value"])
     return {"category": example.category, "split": example.meta.get("split"), "exact": exact,
-            "executed": executed, "dice": dices, "absent_empty": absent, "qa": qa, "measurements": meas,
+            "executed": executed, "recovered": recovered, "dice": dices, "absent_empty": absent, "qa": qa, "measurements": meas,
             "errors": run["errors"][:2], "n_steps": len(run["steps"]), "n_truth_steps": len(example.steps)}
 
 
@@ -240,6 +245,9 @@ def summarize(scores: list[dict]) -> dict:
         return out
     out["program_exact_match"] = float(np.mean([s["exact"] for s in scores]))
     out["execution_success"] = float(np.mean([s["executed"] for s in scores]))
+    rec = [s["recovered"] for s in scores if s.get("recovered") is not None]
+    out["recovered_after_error"] = float(np.mean(rec)) if rec else None
+    out["recovered_n"] = len(rec)
     for split in ("train", "eval"):
         sub = [s for s in scores if s["split"] == split]
         out[f"program_exact_match_{split}_phrasing"] = float(np.mean([s["exact"] for s in sub])) if sub else None
@@ -419,6 +427,8 @@ def print_synthetic(r: dict) -> None:
           f"  (train phrasing {_fmt(r.get('program_exact_match_train_phrasing'), True)}, "
           f"held-out phrasing {_fmt(r.get('program_exact_match_eval_phrasing'), True)})")
     print(f"  execution success     {_fmt(r.get('execution_success'), True)}")
+    print(f"  finished after error  {_fmt(r.get('recovered_after_error'), True)}  (of the n={r.get('recovered_n')} "
+          "runs where a step raised)")
     print(f"  mean anatomy Dice     {_fmt(r.get('anatomy_dice_mean'))}")
     print(f"  mean lesion Dice      {_fmt(r.get('lesion_dice_mean'))}")
     print(f"  QA accuracy           {_fmt(r.get('qa_accuracy'), True)}  (n={r.get('qa_n')})")
