@@ -39,7 +39,7 @@ from task_templates.example import VolumeInfo
 from task_templates.terms import CONTRAST_STEM, MODALITIES
 
 from . import kernel_api
-from .policy import ModelPolicy, Policy, ScriptedPolicy, Step, load_checkpoint
+from .policy import ModelPolicy, Policy, ScriptedPolicy, Step, checkpoint_threshold, load_checkpoint
 from .transcript import (Transcript, TranscriptError, file_sha256, format_value, now_iso,
                          volume_sha256)
 
@@ -341,7 +341,8 @@ def kernel_checkpoint(checkpoint: str | Path) -> Path:
             os.chmod(d, 0o755)
             for f in (src, src.with_suffix(".json")):     # the weights and their config
                 out = d / f.name
-                if f.is_file() and (not out.is_file() or out.stat().st_size != f.stat().st_size):
+                if f.is_file() and (not out.is_file() or out.stat().st_size != f.stat().st_size
+                                    or (f.suffix == ".json" and out.read_bytes() != f.read_bytes())):
                     tmp = d / f".{f.name}.{os.getpid()}.tmp"
                     shutil.copyfile(f, tmp)
                     os.chmod(tmp, 0o644)
@@ -352,7 +353,7 @@ def kernel_checkpoint(checkpoint: str | Path) -> Path:
     raise AgentError(f"cannot stage the checkpoint for the sandbox: {last}")
 
 
-def kernel_config(checkpoint: str | Path | None = None, base=None, threshold: float = 0.5):
+def kernel_config(checkpoint: str | Path | None = None, base=None, threshold: float | None = None):
     """The sandbox configuration of an agent kernel: the agent API in the preamble and, for the
     network backend, a read-only copy of the checkpoint bound in and its vision network loaded."""
     from sandbox import SandboxConfig
@@ -427,7 +428,8 @@ class Conversation:
         self._restore_turns = 0
         if transcript is None:
             model = policy.describe()
-            vision = {"backend": policy.vision, "threshold": 0.5,
+            thr = checkpoint_threshold(policy.checkpoint) if policy.vision == "network" else 0.5
+            vision = {"backend": policy.vision, "threshold": thr,
                       "source": vision_source or ("checkpoint" if policy.vision == "network" else
                                                   getattr(policy, "source", "given"))}
             transcript = Transcript.new(self.out_dir, model=model, vision=vision, sandbox={},

@@ -78,9 +78,9 @@ def run(checkpoint=None, t1_path=None, prompt="what is the volume of the left hi
     model = a.model.model
     phi_t = torch.tensor(phi[:1], dtype=torch.float32) if phi else torch.zeros(1, model.config.lm.phi_dim)
     with torch.no_grad():
-        model.vision.segment([t1], phi_t, threshold=0.5)    # warm-up (first call allocates)
+        model.vision.segment([t1], phi_t, threshold=model.vision.cfg.mask_threshold)    # warm-up (first call allocates)
         t = time.perf_counter()
-        mask = model.vision.segment([t1], phi_t, threshold=0.5)[0]
+        mask = model.vision.segment([t1], phi_t, threshold=model.vision.cfg.mask_threshold)[0]
         vis_s = time.perf_counter() - t
     t = time.perf_counter()
     vl.volume(mask), vl.center_of_mass(mask) if float(vl.volume(mask)) > 0 else None

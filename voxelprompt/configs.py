@@ -44,6 +44,8 @@ class VisionConfig:
     #   spacing over the union of the fields of view) holds at most this x the largest volume's voxels
     checkpoint_interaction: bool = False   # training: recompute the cross-volume interaction in the
     #   backward pass instead of storing its activations (less memory, ~1 more interaction pass)
+    mask_threshold: float = 0.5   # a mask is the voxels above this probability; chosen on validation
+    #   subjects by `voxelprompt eval threshold --write` (voxelprompt/calibrate.py)
 
 
 @dataclass(frozen=True)

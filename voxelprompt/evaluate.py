@@ -71,7 +71,8 @@ class LiveBackend:
 
     @torch.no_grad()
     def segment(self, call, volumes, sessions):
-        masks = self.model.vision.segment(list(volumes), self._take(len(volumes)), sessions, threshold=0.5)
+        masks = self.model.vision.segment(list(volumes), self._take(len(volumes)), sessions,
+                                          threshold=self.model.vision.cfg.mask_threshold)
         self.segments.append(masks)
         return masks
 
@@ -399,7 +400,7 @@ def eval_real(model, progress: bool = True, structures: list[str] | None = None)
         model.lm.feed(state, ids=header_ids(tok, header))
         so = model.generate_step(state, max_tokens=200)
         phi = so.phi[:1] if so.phi.shape[0] else torch.zeros(1, model.config.lm.phi_dim, device=model.vision.device)
-        mask = model.vision.segment([t1], phi, [0], threshold=0.5)[0]
+        mask = model.vision.segment([t1], phi, [0], threshold=model.vision.cfg.mask_threshold)[0]
         truth = t1.new((lab_t == label)[None].to(torch.uint8), kind="label")
         d = _dice(mask, truth)
         tv = float((lab_t == label).sum()) * t1.voxel_volume
@@ -459,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["alignment"], ["paraphrase"]):   # the harness's evaluations (issue 8)
         return int(importlib.import_module(f"voxelprompt.{argv[0]}").main(argv[1:]) or 0)
+    if argv[:1] == ["threshold"]:                     # choose the mask threshold (calibrate.py)
+        return int(importlib.import_module("voxelprompt.calibrate").main(argv[1:]) or 0)
     p = argparse.ArgumentParser(prog="voxelprompt eval", description="Evaluate a trained VoxelPrompt model.")
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("synthetic", help="held-out synthetic subjects: programs, execution, Dice, QA, measurements")

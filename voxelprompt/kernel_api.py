@@ -34,12 +34,16 @@ EPS = "__vp_eps"
 RESULT = "__vp_result"
 
 
-def preamble(checkpoint: str | None = None, threshold: float = 0.5) -> tuple[str, ...]:
-    """Kernel preamble cells (run after ``sandbox.DEFAULT_PREAMBLE``): install the API, load the network."""
+def preamble(checkpoint: str | None = None, threshold: float | None = None) -> tuple[str, ...]:
+    """Kernel preamble cells (run after ``sandbox.DEFAULT_PREAMBLE``): install the API, load the network.
+
+    ``threshold`` overrides the checkpoint's calibrated mask threshold.
+    """
     cells = [f"import voxelprompt.kernel_api as _vp_kernel_api\n{API} = _vp_kernel_api.install(globals())\n"
              "del _vp_kernel_api"]
     if checkpoint is not None:
-        cells.append(f"{API}.load_vision({str(checkpoint)!r}, threshold={float(threshold)!r})")
+        thr = "" if threshold is None else f", threshold={float(threshold)!r}"
+        cells.append(f"{API}.load_vision({str(checkpoint)!r}{thr})")
     return tuple(cells)
 
 
@@ -76,13 +80,16 @@ class KernelAPI:
         self._exposed: list[str] = []
 
     # ---------------------------------------------------------------- setup
-    def load_vision(self, path: str, threshold: float = 0.5) -> None:
-        """Loads the checkpoint's vision network (errors are kept and reported at the first call)."""
-        self.threshold = float(threshold)
+    def load_vision(self, path: str, threshold: float | None = None) -> None:
+        """Loads the checkpoint's vision network (errors are kept and reported at the first call).
+
+        Masks are its probabilities above ``threshold`` (default: the checkpoint's ``mask_threshold``).
+        """
         try:
             from voxelprompt.policy import load_vision
             self.net = load_vision(path)
             self.net_error = None
+            self.threshold = float(self.net.cfg.mask_threshold if threshold is None else threshold)
         except Exception as exc:  # reported when segment()/encode() is called
             self.net = None
             self.net_error = f"the vision network could not be loaded from {path}: {type(exc).__name__}: {exc}"

@@ -298,6 +298,11 @@ def _model_config(cfg: dict):
     return ModelConfig.from_dict(cfg)
 
 
+def checkpoint_threshold(path: str | Path) -> float:
+    """The mask threshold a checkpoint's config gives (``VisionConfig.mask_threshold``)."""
+    return float(_model_config(_read_checkpoint(Path(path), weights=False)[0]).vision.mask_threshold)
+
+
 def load_vision(path: str | Path, device: str = "cpu"):
     """The vision network of a checkpoint (used inside the kernel), in eval mode."""
     from .model import VisionNet
@@ -320,10 +325,14 @@ def network_input(volume: "vl.Volume") -> "vl.Volume":
 
 
 @torch.no_grad()
-def vision_segment(net, volumes, phi: torch.Tensor, sessions, threshold: float = 0.5) -> list:
-    """Binary masks (one per session, on its first volume's grid) from the vision network."""
+def vision_segment(net, volumes, phi: torch.Tensor, sessions, threshold: float | None = None) -> list:
+    """Binary masks (one per session, on its first volume's grid) from the vision network.
+
+    ``threshold`` defaults to the checkpoint's calibrated ``mask_threshold``.
+    """
     vols = [network_input(v) for v in volumes]
-    return net.segment(vols, phi.to(torch.float32), list(sessions), threshold=threshold)
+    thr = net.cfg.mask_threshold if threshold is None else threshold
+    return net.segment(vols, phi.to(torch.float32), list(sessions), threshold=thr)
 
 
 @torch.no_grad()

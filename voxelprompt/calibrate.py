@@ -1,0 +1,149 @@
+"""``voxelprompt eval threshold``: the mask threshold of a checkpoint, chosen on validation subjects.
+
+The vision network outputs a probability per voxel; a mask is the voxels above
+``VisionConfig.mask_threshold`` (0.5 until calibrated). A network trained with soft Dice + BCE on
+sparse targets is not calibrated at 0.5, least of all early in training, so the threshold is
+chosen the way nnU-Net-style pipelines choose post-processing: on held-out validation subjects
+(the training validation seeds, never the evaluation ones), with the ground-truth programs
+(teacher forcing: φ from the truth's ``<MOD>`` s), maximising the mean score over segment calls
+where a present target scores its Dice and an absent target (a prompted lesion that is not
+there) scores 1 if the mask is empty, else 0, so a lower threshold cannot buy Dice with
+hallucinated masks. ``--write`` stores the threshold (and the table) in the checkpoint's JSON;
+the agent, the kernel and every evaluation read it from there.
+
+Usage::
+
+    voxelprompt eval threshold --checkpoint RUN/ckpt/model.safetensors [--subjects 8] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: validation subjects for calibration: next to train.VAL_SEED_BASE's, not the evaluation seeds
+CALIBRATION_SEED_BASE = 900_500_000
+GRID = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
+
+
+@torch.no_grad()
+def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolution: float | None = None):
+    """``(probability map, truth, absent)`` for every segment call of the validation examples."""
+    from .datagen import DataConfig, examples_from_subject
+    from .model import _target_on, merge_sessions
+    from .sequence import build_sequence
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    res = resolution or model.config.vision.min_spacing or 2.0
+    cfg = DataConfig(resolution=res, examples_per_subject=examples_per_subject, max_acquisitions=2,
+                     rich_max_acquisitions=2)
+    model.eval()
+    out = []
+    for i in range(n_subjects):
+        for ex in examples_from_subject(CALIBRATION_SEED_BASE + i, cfg):
+            seq = build_sequence(ex, tok)
+            h = model.lm(model.lm.embed(seq.ids.to(model.vision.device))[None])[0]
+            for call in seq.calls:
+                if call.kind != "segment" or not call.targets:
+                    continue
+                vols, sessions = model._call_inputs(seq, call)
+                phi = model.lm.phi_head(h[seq.mod_positions[call.mods]])
+                merged = merge_sessions(model.vision(vols, phi), [v.shape for v in vols],
+                                        [v.affine for v in vols], sessions)
+                for (p, (shape, aff)), tgt in zip(merged, call.targets):
+                    t = _target_on(tgt, shape, aff) > 0.5
+                    out.append((p.float().cpu(), t.cpu(), call.roi.startswith("absent:")))
+    return out
+
+
+def score(calls, threshold: float) -> dict:
+    """Mean score over calls (Dice of present targets, 1/0 for empty/non-empty on absent ones)."""
+    dices, empties = [], []
+    for p, t, absent in calls:
+        m = p > threshold
+        if absent or not t.any():
+            empties.append(float(not m.any()))
+            continue
+        dices.append(float(2 * (m & t).sum() / (m.sum() + t.sum())))
+    all_ = dices + empties
+    return {"threshold": threshold, "score": float(np.mean(all_)) if all_ else 0.0,
+            "dice": float(np.mean(dices)) if dices else None, "empty_when_absent": float(np.mean(empties)) if empties else None,
+            "n_present": len(dices), "n_absent": len(empties)}
+
+
+def calibrate(model, n_subjects: int = 8, grid=GRID, resolution: float | None = None) -> dict:
+    """The threshold on ``grid`` with the best validation score, and the whole table.
+
+    ``resolution``: the synthesis grid (default: the model's working-resolution floor).
+    """
+    t0 = time.time()
+    calls = collect(model, n_subjects, resolution=resolution)
+    if not calls:
+        raise ValueError("no segment calls in the calibration subjects")
+    table = [score(calls, t) for t in grid]
+    best = max(table, key=lambda r: (r["score"], -abs(r["threshold"] - 0.5)))   # ties: nearest 0.5
+    return {"threshold": best["threshold"], "best": best, "at_0.5": score(calls, 0.5), "table": table,
+            "subjects": n_subjects, "seed_base": CALIBRATION_SEED_BASE, "calls": len(calls),
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def write_threshold(weights: str | Path, result: dict) -> Path:
+    """Stores the threshold in the checkpoint's JSON config (``config.vision.mask_threshold``)."""
+    import os
+
+    from .checkpoint import config_path
+    cj = config_path(weights)
+    if not cj.exists():
+        raise FileNotFoundError(f"{cj} not found: the threshold is stored in the checkpoint's JSON config")
+    meta = json.loads(cj.read_text())
+    meta["config"]["vision"]["mask_threshold"] = result["threshold"]
+    meta["threshold_calibration"] = {k: v for k, v in result.items() if k != "table"}
+    tmp = cj.with_name(cj.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, cj)
+    return cj
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="voxelprompt eval threshold", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a .safetensors file (its .json is updated with --write)")
+    p.add_argument("--subjects", type=int, default=8, help="validation subjects (8 examples each)")
+    p.add_argument("--write", action="store_true", help="store the chosen threshold in the checkpoint's JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .checkpoint import load_model
+    try:
+        model = load_model(args.checkpoint)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    res = calibrate(model, args.subjects)
+    if args.write:
+        res["written_to"] = str(write_threshold(args.checkpoint, res))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"calibration: {res['calls']} segment calls from {res['subjects']} validation subjects ({res['wall_s']} s)")
+    print(f"  {'threshold':>9s} {'score':>6s} {'Dice':>6s} {'empty|absent':>12s}")
+    for r in res["table"]:
+        mark = "  <- chosen" if r["threshold"] == res["threshold"] else ""
+        d = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
+        e = "n/a" if r["empty_when_absent"] is None else f"{r['empty_when_absent']:.2f}"
+        print(f"  {r['threshold']:9.2f} {r['score']:6.3f} {d:>6s} {e:>12s}{mark}")
+    if args.write:
+        print(f"written to {res['written_to']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
