@@ -332,16 +332,33 @@ def test_batched_lm_loss_ignores_padding(tok):
 
 def test_empty_target_gets_a_dense_mask_gradient():
     """On an empty target the Dice gradient nearly vanishes; the BCE term keeps pushing p → 0."""
-    from voxelprompt.model import soft_dice_loss, voxel_bce
+    from voxelprompt.model import balanced_bce, soft_dice_loss
     logits = torch.full((16, 16, 16), 2.0, requires_grad=True)
     empty = torch.zeros(16, 16, 16)
     soft_dice_loss(torch.sigmoid(logits), empty).backward()
     g_dice = logits.grad.abs().mean().item()
     logits.grad = None
-    voxel_bce(torch.sigmoid(logits), empty).backward()
+    balanced_bce(torch.sigmoid(logits), empty).backward()
     g_bce = logits.grad.abs().mean().item()
     assert g_bce > 1000 * g_dice
-    assert float(voxel_bce(torch.full((4,), 0.5), torch.ones(4))) == pytest.approx(math.log(2), rel=1e-4)
+    assert float(balanced_bce(torch.full((4,), 0.5), torch.ones(4))) == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_balanced_bce_weighs_a_small_target_like_the_background():
+    """A 1-voxel target in 1000: missing it costs as much as 50 % false positives would."""
+    from voxelprompt.model import balanced_bce
+    t = torch.zeros(1000)
+    t[0] = 1
+    miss = torch.full((1000,), 0.01)                    # everything background, the target missed
+    hit = miss.clone()
+    hit[0] = 0.99
+    assert float(balanced_bce(miss, t)) > 2.0           # ½·(−log 0.01) ≈ 2.3: the miss dominates
+    assert float(balanced_bce(hit, t)) < 0.05
+    # at an undecided output the target voxel's logit gets the gradient of the whole background
+    logits = torch.zeros(1000, requires_grad=True)
+    balanced_bce(torch.sigmoid(logits), t).backward()
+    g = logits.grad
+    assert abs(float(g[0])) == pytest.approx(float(g[1:].abs().sum()), rel=0.05)
 
 
 def test_batched_segment_loss_matches_the_sequential_one(tok):

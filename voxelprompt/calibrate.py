@@ -34,7 +34,10 @@ GRID = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
 
 @torch.no_grad()
 def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolution: float | None = None):
-    """``(probability map, truth, absent)`` for every segment call of the validation examples."""
+    """``(probability map, truth, absent, kind)`` for every segment call of the validation examples.
+
+    ``kind`` is ``"lesion"``, ``"anatomy"`` or ``"absent"`` (from the call's ROI).
+    """
     from .datagen import DataConfig, examples_from_subject
     from .model import _target_on, merge_sessions
     from .sequence import build_sequence
@@ -59,23 +62,28 @@ def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolutio
                                         [v.affine for v in vols], sessions)
                 for (p, (shape, aff)), tgt in zip(merged, call.targets):
                     t = _target_on(tgt, shape, aff) > 0.5
-                    out.append((p.float().cpu(), t.cpu(), call.roi.startswith("absent:")))
+                    absent = call.roi.startswith("absent:")
+                    kind = "absent" if absent else "lesion" if call.roi.startswith("lesion:") else "anatomy"
+                    out.append((p.float().cpu(), t.cpu(), absent, kind))
     return out
 
 
 def score(calls, threshold: float) -> dict:
     """Mean score over calls (Dice of present targets, 1/0 for empty/non-empty on absent ones)."""
-    dices, empties = [], []
-    for p, t, absent in calls:
+    dices, empties, by_kind = [], [], {}
+    for p, t, absent, *kind in calls:
         m = p > threshold
         if absent or not t.any():
             empties.append(float(not m.any()))
             continue
-        dices.append(float(2 * (m & t).sum() / (m.sum() + t.sum())))
+        d = float(2 * (m & t).sum() / (m.sum() + t.sum()))
+        dices.append(d)
+        by_kind.setdefault(kind[0] if kind else "present", []).append(d)
     all_ = dices + empties
-    return {"threshold": threshold, "score": float(np.mean(all_)) if all_ else 0.0,
-            "dice": float(np.mean(dices)) if dices else None, "empty_when_absent": float(np.mean(empties)) if empties else None,
-            "n_present": len(dices), "n_absent": len(empties)}
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"threshold": threshold, "score": mean(all_) or 0.0, "dice": mean(dices),
+            "empty_when_absent": mean(empties), "n_present": len(dices), "n_absent": len(empties),
+            "dice_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())}}
 
 
 def calibrate(model, n_subjects: int = 8, grid=GRID, resolution: float | None = None) -> dict:
@@ -134,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
         return 0
     print(f"calibration: {res['calls']} segment calls from {res['subjects']} validation subjects ({res['wall_s']} s)")
-    print(f"  {'threshold':>9s} {'score':>6s} {'Dice':>6s} {'empty|absent':>12s}")
+    kinds = sorted({k for r in res["table"] for k in r["dice_by_kind"]})
+    f = lambda v, w: "n/a".rjust(w) if v is None else f"{v:{w}.3f}"  # noqa: E731
+    print(f"  {'threshold':>9s} {'score':>6s} {'Dice':>6s} " + " ".join(f"{k:>8s}" for k in kinds)
+          + f" {'empty|absent':>12s}")
     for r in res["table"]:
         mark = "  <- chosen" if r["threshold"] == res["threshold"] else ""
-        d = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
-        e = "n/a" if r["empty_when_absent"] is None else f"{r['empty_when_absent']:.2f}"
-        print(f"  {r['threshold']:9.2f} {r['score']:6.3f} {d:>6s} {e:>12s}{mark}")
+        print(f"  {r['threshold']:9.2f} {r['score']:6.3f} {f(r['dice'], 6)} "
+              + " ".join(f(r["dice_by_kind"].get(k), 8) for k in kinds) + f" {f(r['empty_when_absent'], 12)}{mark}")
     if args.write:
         print(f"written to {res['written_to']}")
     return 0

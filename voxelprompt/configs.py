@@ -56,7 +56,7 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     dice_weight: float = 0.1      # λ (seeds/004 A.4)
-    bce_weight: float = 1.0       # mask loss = soft Dice + this x voxel-mean BCE (nnU-Net's recipe; see model.py)
+    bce_weight: float = 1.0       # mask loss = soft Dice + this x class-balanced BCE (model.balanced_bce)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (for checkpoints)."""

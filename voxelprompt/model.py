@@ -572,15 +572,27 @@ def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
 
 
-def voxel_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Voxel-mean binary cross-entropy of a probability map against a (soft) target.
+def balanced_bce(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Class-balanced binary cross-entropy: ½ · mean over the target + ½ · mean over the background.
 
-    The soft Dice alone gives a network trained from scratch a weak, global gradient, and on an
-    empty target (a prompted structure that is not in the images) almost none once the output is
-    near zero: 1 − 1/(1 + Σp). The per-voxel BCE term gives every voxel a dense gradient toward
-    its label, as in nnU-Net's Dice + cross-entropy.
+    The soft Dice alone gives a network trained from scratch a weak gradient that dies once the
+    output saturates: on an empty target (a prompted structure that is not in the images)
+    1 − 1/(1 + Σp), and after an overshoot to all-background, where every sigmoid is flat. A
+    cross-entropy term keeps a dense, non-saturating gradient (∂/∂logit = p − y). It must be
+    balanced: our targets fill ~0.1–1 % of a whole-brain grid, and with the voxel-mean BCE the
+    background outweighs them ~300:1 and pushes every output to zero (measured: a fresh network
+    fitting 30 lesion calls stayed at Dice ≈ 0.03 with it, and reached 0.21, stably, with this).
+    A soft target weights each voxel by ``t`` and ``1 − t``; an empty target has the background
+    term alone.
     """
-    return F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    p = pred.clamp(1e-6, 1 - 1e-6)
+    t = target.to(p.dtype)
+    fg, bg = t.sum(), (1 - t).sum()
+    loss_bg = -((1 - t) * torch.log1p(-p)).sum() / bg.clamp_min(eps)
+    if float(fg) < eps:
+        return loss_bg
+    loss_fg = -(t * torch.log(p)).sum() / fg
+    return 0.5 * loss_fg + 0.5 * loss_bg if float(bg) >= eps else loss_fg
 
 
 # ================================================================================= joint model
@@ -676,7 +688,7 @@ class VoxelPrompt(nn.Module):
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
                 t = _target_on(tgt, shape, aff).to(pred)
                 dices.append(soft_dice_loss(pred, t))
-                bces.append(voxel_bce(pred, t))
+                bces.append(balanced_bce(pred, t))
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int) -> LossOutput:
         """CE + λ · (mean soft Dice + w · mean BCE) over the segment targets (CE alone if none)."""

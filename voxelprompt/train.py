@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these model weights (.safetensors) with a fresh optimizer, e.g. the "
                         "weights committed in training/ when a run's optimizer state is gone")
+    p.add_argument("--reinit-vision", action="store_true",
+                   help="with --init: a freshly initialised vision network (and φ head), keeping the language "
+                        "model, e.g. when the vision weights are saturated (every output ~0) and cannot recover")
     p.add_argument("--max-hours", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -253,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import config_path, load_model
         model = load_model(Path(args.init), device).train()
         st = None
+        if args.reinit_vision:
+            from .model import VisionNet
+            torch.manual_seed(args.seed)
+            model.vision = VisionNet(model.config.vision, model.config.lm.hidden,
+                                     model.config.lm.phi_dim).to(device).train()
+            for mod in model.lm.phi_head:
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
         try:    # a stage started from saved weights draws fresh subjects, not its parent's stream again
             init_examples = int(json.loads(config_path(Path(args.init)).read_text()).get("examples", 0))
         except (OSError, ValueError):
