@@ -93,6 +93,26 @@ def test_lm_stage_trains_the_language_model_only(run, tmp_path):
     assert [r["examples"] for r in tr] == [3, 6]
 
 
+def test_lm_stage_with_vision_and_a_fresh_vision_network(run, tmp_path):
+    """--reinit-vision keeps the language model and starts the vision network afresh; with
+    --vision-prob 1 the lm stage's batches run their segment calls (a Dice term is logged)."""
+    w0 = checkpoint.load_model(run).state_dict()
+    out = tmp_path / "lmv"
+    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
+                       "--batch", "4", "--max-steps", "0", "--reinit-vision", *ARGS]) == 0
+    w1 = checkpoint.load_model(out).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm.") and "phi_head" not in k)
+    assert not torch.equal(w0["vision.out.weight"], w1["vision.out.weight"])
+    assert not torch.equal(w0["lm.phi_head.0.weight"], w1["lm.phi_head.0.weight"])
+    out2 = tmp_path / "lmv2"
+    assert train.main(["--out", str(out2), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
+                       "--batch", "4", "--max-steps", "3", "--vision-prob", "1", *ARGS]) == 0
+    tr = [r for r in _records(out2) if r["kind"] == "train"]
+    assert any(r["dice_loss"] is not None for r in tr)
+    w2 = checkpoint.load_model(out2).state_dict()
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0 if k.startswith("vision."))
+
+
 def test_eval_synthetic_reports_every_metric(run):
     model = checkpoint.load_model(run)
     res = evaluate.eval_synthetic(model, n=2, seed=5, progress=False, resolution=3.0)
