@@ -39,7 +39,6 @@ def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolutio
     ``kind`` is ``"lesion"``, ``"anatomy"`` or ``"absent"`` (from the call's ROI).
     """
     from .datagen import DataConfig, examples_from_subject
-    from .model import _target_on, merge_sessions
     from .sequence import build_sequence
     from .tokenizer import Tokenizer
 
@@ -52,19 +51,12 @@ def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolutio
     for i in range(n_subjects):
         for ex in examples_from_subject(CALIBRATION_SEED_BASE + i, cfg):
             seq = build_sequence(ex, tok)
-            h = model.lm(model.lm.embed(seq.ids.to(model.vision.device))[None])[0]
-            for call in seq.calls:
-                if call.kind != "segment" or not call.targets:
-                    continue
-                vols, sessions = model._call_inputs(seq, call)
-                phi = model.lm.phi_head(h[seq.mod_positions[call.mods]])
-                merged = merge_sessions(model.vision(vols, phi), [v.shape for v in vols],
-                                        [v.affine for v in vols], sessions)
-                for (p, (shape, aff)), tgt in zip(merged, call.targets):
-                    t = _target_on(tgt, shape, aff) > 0.5
-                    absent = call.roi.startswith("absent:")
-                    kind = "absent" if absent else "lesion" if call.roi.startswith("lesion:") else "anatomy"
-                    out.append((p.float().cpu(), t.cpu(), absent, kind))
+            dev = model.vision.device
+            h = model.lm(model.lm.embed(seq.ids.to(dev))[None])[0]
+            for call, p, t in model.segment_predictions(seq, h, seq.mod_positions.to(dev)):
+                absent = call.roi.startswith("absent:")
+                kind = "absent" if absent else "lesion" if call.roi.startswith("lesion:") else "anatomy"
+                out.append((p.float().cpu(), (t > 0.5).cpu(), absent, kind))
     return out
 
 

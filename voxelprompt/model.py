@@ -580,8 +580,9 @@ def balanced_bce(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) ->
     1 − 1/(1 + Σp), and after an overshoot to all-background, where every sigmoid is flat. A
     cross-entropy term keeps a dense, non-saturating gradient (∂/∂logit = p − y). It must be
     balanced: our targets fill ~0.1–1 % of a whole-brain grid, and with the voxel-mean BCE the
-    background outweighs them ~300:1 and pushes every output to zero (measured: a fresh network
-    fitting 30 lesion calls stayed at Dice ≈ 0.03 with it, and reached 0.21, stably, with this).
+    background outweighs them ~300:1 and pushes every output to zero (measured on a fit of 30
+    lesion calls: Dice 0.02–0.03 with it from weights it had saturated; 0.21, stably, with this
+    from a fresh network; docs/model.md).
     A soft target weights each voxel by ``t`` and ``1 − t``; an empty target has the background
     term alone.
     """
@@ -672,9 +673,14 @@ class VoxelPrompt(nn.Module):
                 self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois)
         return self._total(ce, dices, bces, int(keep.sum()))
 
-    def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
-                     dices: list, bces: list, rois: re.Pattern | None = None) -> None:
-        """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``."""
+    def segment_predictions(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
+                            rois: re.Pattern | None = None):
+        """Yields ``(call, predicted probabilities, truth)`` per session target of ``seq`` 's segment calls.
+
+        φ is read from the hidden states ``h`` ``(L, b)`` at the call's ``<MOD>`` s (``mods``: the
+        sequence's ``<MOD>`` positions); the truth is resampled to the prediction's grid.
+        ``rois`` keeps only the calls whose ROI it matches.
+        """
         for call in seq.calls:
             if call.kind != "segment" or not call.targets or (rois is not None and not rois.search(call.roi)):
                 continue
@@ -686,9 +692,14 @@ class VoxelPrompt(nn.Module):
                 raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
                                  f"{len(call.targets)} targets")
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
-                t = _target_on(tgt, shape, aff).to(pred)
-                dices.append(soft_dice_loss(pred, t))
-                bces.append(balanced_bce(pred, t))
+                yield call, pred, _target_on(tgt, shape, aff).to(pred)
+
+    def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
+                     dices: list, bces: list, rois: re.Pattern | None = None) -> None:
+        """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``."""
+        for _, pred, t in self.segment_predictions(seq, h, mods, rois):
+            dices.append(soft_dice_loss(pred, t))
+            bces.append(balanced_bce(pred, t))
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int) -> LossOutput:
         """CE + λ · (mean soft Dice + w · mean BCE) over the segment targets (CE alone if none)."""

@@ -68,9 +68,12 @@ def _names(code: str) -> list[tuple[str, str, int, int, int]]:
     return sorted(out, key=lambda t: t[3])
 
 
-def _rename(code: str, old: str, new: str) -> str:
-    """``code`` with every ``Name`` node ``old`` (not strings, attributes or keywords) renamed."""
-    spans = [(a, b) for n, _, _, a, b in _names(code) if n == old]
+def _rename(code: str, step_names: list, old: str, new: str) -> str:
+    """``code`` with every ``Name`` node ``old`` (not strings, attributes or keywords) renamed.
+
+    ``step_names`` is ``_names(code)``.
+    """
+    spans = [(a, b) for n, _, _, a, b in step_names if n == old]
     for a, b in reversed(spans):
         code = code[:a] + new + code[b:]
     return code
@@ -98,13 +101,13 @@ def _error(name: str) -> str:
     return f"NameError: name '{name}' is not defined\n"
 
 
-def _defined(example: Example) -> list[set[str]]:
+def _defined(example: Example, names: list[list]) -> list[set[str]]:
     """For each step, the names defined before it (inputs and earlier assignments)."""
     known = {v.name for v in example.volumes}
     out = []
-    for s in example.steps:
+    for step_names in names:
         out.append(set(known))
-        known |= {n for n, ctx, *_ in _names(s.code) if ctx == "store"}
+        known |= {n for n, ctx, *_ in step_names if ctx == "store"}
     return out
 
 
@@ -123,34 +126,32 @@ def with_recovery(example: Example, rng: np.random.Generator, kind: str | None =
         no step that can fail this way (e.g. a single step that names no variable).
     """
     kinds = [kind] if kind else (["typo", "rename"] if rng.random() < 0.5 else ["rename", "typo"])
+    names = [_names(s.code) for s in example.steps]     # parsed once, shared by both kinds
     for k in kinds:
-        ex = (_typo if k == "typo" else _rename_case)(example, rng)
+        ex = (_typo if k == "typo" else _rename_case)(example, names, rng)
         if ex is not None:
-            ex.meta = {**example.meta, "recovery": k}
+            ex.meta = {**example.meta, "recovery": k}      # a new dict: the source example keeps its own
             return ex
     return None
 
 
-def _all_names(example: Example) -> set[str]:
-    names = {v.name for v in example.volumes}
-    for s in example.steps:
-        names |= {n for n, *_ in _names(s.code)}
-    return names
+def _all_names(example: Example, names: list[list]) -> set[str]:
+    return {v.name for v in example.volumes} | {n for step_names in names for n, *_ in step_names}
 
 
-def _typo(example: Example, rng: np.random.Generator) -> Example | None:
-    defined = _defined(example)
+def _typo(example: Example, names: list[list], rng: np.random.Generator) -> Example | None:
+    defined = _defined(example, names)
     cands = []                         # (step, start, end, name): a load in the first statement
-    for i, s in enumerate(example.steps):
+    for i, step_names in enumerate(names):
         if _has_encode(example, i):
             continue
-        for n, ctx, si, a, b in _names(s.code):
+        for n, ctx, si, a, b in step_names:
             if si == 0 and ctx == "load" and n in defined[i]:
                 cands.append((i, a, b, n))
     if not cands:
         return None
     i, a, b, n = cands[int(rng.integers(len(cands)))]
-    wrong = misspell(n, rng, _all_names(example))
+    wrong = misspell(n, rng, _all_names(example, names))
     if wrong is None:
         return None
     code = example.steps[i].code
@@ -158,17 +159,17 @@ def _typo(example: Example, rng: np.random.Generator) -> Example | None:
     return _insert(example, i, faulty, example.steps)
 
 
-def _rename_case(example: Example, rng: np.random.Generator) -> Example | None:
+def _rename_case(example: Example, names: list[list], rng: np.random.Generator) -> Example | None:
     steps = example.steps
     stores: dict[str, int] = {}        # name -> the step that first assigns it
-    for j, s in enumerate(steps):
-        for n, ctx, *_ in _names(s.code):
+    for j, step_names in enumerate(names):
+        for n, ctx, *_ in step_names:
             if ctx == "store":
                 stores.setdefault(n, j)
     cands = []                         # (defining step j, failing step i, name)
     for n, j in stores.items():
         for i in range(j + 1, len(steps)):
-            loads = [(si, ctx) for m, ctx, si, *_ in _names(steps[i].code) if m == n]
+            loads = [(si, ctx) for m, ctx, si, *_ in names[i] if m == n]
             if not loads:
                 continue
             if loads[0] == (0, "load") and not _has_encode(example, i):
@@ -177,10 +178,11 @@ def _rename_case(example: Example, rng: np.random.Generator) -> Example | None:
     if not cands:
         return None
     j, i, n = cands[int(rng.integers(len(cands)))]
-    odd = misspell(n, rng, _all_names(example))
+    odd = misspell(n, rng, _all_names(example, names))
     if odd is None:
         return None
-    new_steps = [replace(s, code=_rename(s.code, n, odd)) if k >= j else s for k, s in enumerate(steps)]
+    new_steps = [replace(s, code=_rename(s.code, names[k], n, odd)) if k >= j else s
+                 for k, s in enumerate(steps)]
     new_steps[j] = replace(new_steps[j], target=False)    # the odd name is context, not taught
     faulty = Step(steps[i].code, _error(n), target=False)
     return _insert(example, i, faulty, new_steps)
@@ -204,6 +206,5 @@ def _insert(example: Example, i: int, faulty: Step, steps: list[Step]) -> Exampl
             calls.append(VisionCall(c.kind, i, vols, [], c.roi))
         calls.append(replace(c, step=c.step + 1) if c.step >= i else c)
     calls.sort(key=lambda c: c.step)
-    return replace(example, steps=steps[:i] + [faulty] + steps[i:], vision_calls=calls,
-                   meta=dict(example.meta))
+    return replace(example, steps=steps[:i] + [faulty] + steps[i:], vision_calls=calls)
 
