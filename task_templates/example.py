@@ -65,6 +65,8 @@ class Example:
     measurements: dict[str, Any] = field(default_factory=dict)   # name -> {"value", "unit"}
     outputs: dict[str, Any] = field(default_factory=dict)        # name -> Volume (crop/removal tasks)
     meta: dict[str, Any] = field(default_factory=dict)           # template id, held-out flag, roi, ...
+    anatomy: dict[int, Any] = field(default_factory=dict)        # session -> Volume of anatomy classes
+    #   (training targets of the vision network's anatomy heads; voxelprompt.anatomy_classes)
 
     def header(self) -> str:
         """The model's initial state text: the prompt plus one line per volume."""

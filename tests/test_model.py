@@ -267,7 +267,7 @@ def overfit(tok):
     seq = build_sequence(_example(), tok)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     hist = []
-    for _ in range(30):
+    for _ in range(45):
         out = model.loss(seq)
         opt.zero_grad()
         out.total.backward()
@@ -389,3 +389,84 @@ def test_batched_segment_loss_can_be_restricted_to_some_rois(tok):
     seq.calls[0].roi = "lesion:1"
     assert model.lm_loss([seq], segment=True, rois=re.compile("^lesion")).n_masks == 1
     assert model.lm_loss([seq], segment=True, rois=re.compile("^absent")).n_masks == 0
+
+
+def test_anatomy_targets_are_sided_partitions_of_a_subject():
+    """The anatomy heads' targets: FreeSurfer ids → classes, lobes and territories split by side."""
+    import numpy as np
+
+    from synth.subject import generate_subject
+    from voxelprompt.anatomy_classes import IGNORE, LABEL_IDS, N_LOBES, SIZES, targets
+    anat = generate_subject(3, anatomy="phantom", resolution=4.0, n_sessions=1).sessions[0].anatomy
+    t = targets(anat)
+    assert t.channels == 3 and t.shape == anat.shape and t.is_label
+    assert torch.allclose(t.affine, anat.labels.affine)
+    lab, lobes, terr = (t.tensor[k].numpy() for k in range(3))
+    known = lab != IGNORE
+    assert known.mean() > 0.99
+    ids = np.asarray(LABEL_IDS)[lab[known]]
+    assert np.array_equal(ids, anat.array[known])          # the class index maps back to the id
+    for k, n in enumerate(SIZES):
+        assert t.tensor[k][t.tensor[k] != IGNORE].max() < n
+    hemi = anat.hemispheres.tensor[0].numpy()
+    frontal = anat.lobes.tensor[0].numpy() == 1
+    assert (frontal & (hemi == 1)).any() and (frontal & (hemi == 2)).any()
+    assert set(np.unique(lobes[frontal & (hemi == 1)])) == {1}
+    assert set(np.unique(lobes[frontal & (hemi == 2)])) == {1 + N_LOBES}
+    assert set(np.unique(lobes[anat.lobes.tensor[0].numpy() == 0])) == {0}
+    assert terr.max() <= 6 and (terr[hemi == 2] != 0).any()
+
+
+def test_anatomy_heads_mask_is_the_selected_classes(tok):
+    """A mask is the free head or'ed with the φ-selected anatomy classes; the heads' log-probabilities
+    come back with anatomy=True."""
+    m = _model(tok).eval()
+    net = m.vision
+    assert net.anatomy is not None
+    v = _vol((10, 9, 8), (2.0, 2.0, 2.0), seed=3)
+    phi = torch.zeros(1, m.config.lm.phi_dim)
+    with torch.no_grad():
+        net.out.bias.fill_(-30.0)                 # the free head says "nothing"
+        net.select.weight.zero_()
+        net.select.bias.fill_(-30.0)
+        j = 5                                     # select label class 5 alone
+        net.select.bias[j] = 30.0
+        (mask,), ((logp, shape, aff),) = net([v], phi, anatomy=True)
+    assert [lp.shape for lp in logp] == [(10 * 9 * 8, k) for k in m.config.vision.anatomy_classes]
+    assert torch.allclose(logp[0].exp().sum(1), torch.ones(1), atol=1e-5)
+    assert shape == (10, 9, 8) and torch.allclose(aff, v.affine.double())
+    assert torch.allclose(mask.reshape(-1), logp[0][:, j].exp(), atol=1e-5)
+    with torch.no_grad():
+        net.select.bias.fill_(-30.0)
+        assert float(net([v], phi)[0].max()) < 1e-6          # nothing selected, nothing free
+
+
+def test_vision_loss_trains_phi_head_and_vision_not_the_language_model(tok):
+    """The vision stage's loss: mask + anatomy CE; no gradient reaches the language model's body."""
+    from voxelprompt.anatomy_classes import SIZES
+    m = _model(tok)
+    ex = _example()
+    t1 = ex.volumes[0].volume
+    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
+    lab[0, :6] = 1                                # two label classes, split along x
+    lab[0, 6:] = 2
+    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    seq = build_sequence(ex, tok)
+    assert set(seq.anatomy) == {0}
+    out = m.vision_loss([seq])
+    assert out.n_masks == 1 and out.anatomy is not None and float(out.ce) == 0.0
+    assert float(out.total.detach()) > float(out.dice.detach()) + m.config.anatomy_weight * float(out.anatomy.detach())
+    assert float(out.anatomy) > 0.5 * math.log(SIZES[0])           # untrained: near uniform
+    out.total.backward()
+    assert m.lm.phi_head[0].weight.grad is not None and float(m.lm.phi_head[0].weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for n, p in m.lm.named_parameters() if not n.startswith("phi_head"))
+    assert float(m.vision.anatomy.weight.grad.abs().sum()) > 0
+    assert float(m.vision.select.weight.grad.abs().sum()) > 0
+    opt = torch.optim.Adam(m.vision.parameters(), lr=1e-2)
+    first = float(out.anatomy)
+    for _ in range(40):
+        opt.zero_grad()
+        o = m.vision_loss([seq])
+        o.total.backward()
+        opt.step()
+    assert float(o.anatomy) < 0.5 * first                          # the dense heads fit the labels

@@ -179,3 +179,20 @@ def test_plots_lay_stages_end_to_end(run, tmp_path):
     (_, a, _), (_, b, _) = _stages([log, log])
     assert [r["x"] for r in a] == [2, 4]            # examples seen, first stage
     assert [r["x"] for r in b] == [6, 8]            # the second stage continues from there
+
+
+def test_vision_stage_trains_the_vision_network_under_a_frozen_language_model(run, tmp_path):
+    """--stage vision: only φ's head and the vision network move; the anatomy heads' CE is logged."""
+    w0 = checkpoint.load_model(run).state_dict()
+    out = tmp_path / "vis"
+    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "vision",
+                       "--batch", "2", "--max-steps", "2", *ARGS]) == 0
+    w1 = checkpoint.load_model(out).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm.") and "phi_head" not in k)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision."))
+    assert not torch.equal(w0["vision.anatomy.weight"], w1["vision.anatomy.weight"])
+    tr = [r for r in _records(out) if r["kind"] == "train"]
+    assert [r["step"] for r in tr] == [1, 2]
+    assert all(r["dice_loss"] is not None and r["anatomy_ce"] is not None and r["ce"] == 0 for r in tr)
+    val = [r for r in _records(out) if r["kind"] == "val"]
+    assert val and math.isfinite(val[0]["anatomy_ce"]) and math.isfinite(val[0]["dice_loss"])

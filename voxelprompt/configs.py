@@ -1,17 +1,21 @@
 """Model sizes: the CPU default that ships, the paper's configuration, and a tiny one for tests.
 
 ``cpu`` is sized so the whole system (language model + vision network) trains on two CPU cores in
-a few hours and runs a request in seconds: its vision network has 8/16/16/16 channels and works
-on a grid no finer than 3 mm (``VisionConfig.min_spacing``; finer volumes are resampled down
-before the network and the masks back up to the native grid), and it is trained on 3 mm
-synthetic data. At 2 mm with 16/32/32/32 channels a training example took 11–14 s on one core;
-at 3 mm with 8/16/16/16 it takes ~0.5–2 s. ``paper`` is seeds/004 A.1/A.3: a 16-layer LLaMA with
-b = 512, a 32k vocabulary and a six-level 32/96-channel UNet at native resolution.
+a few hours and runs a request in seconds: its vision network has 16/16/32/32 channels and dense
+anatomy heads (``VisionConfig.anatomy_classes``, voxelprompt/anatomy_classes.py) and works on a
+grid no finer than 3 mm (``VisionConfig.min_spacing``; finer volumes are resampled down before
+the network and the masks back up to the native grid), and it is trained on 3 mm synthetic data.
+At 2 mm with 16/32/32/32 channels a training example took 11–14 s on one core; at 3 mm a segment
+call takes ~1 s per input volume without the heads, ~2 s with them. ``paper`` is seeds/004
+A.1/A.3: a 16-layer LLaMA with b = 512, a 32k vocabulary and a six-level 32/96-channel UNet at
+native resolution, without anatomy heads.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+
+from .anatomy_classes import SIZES as ANATOMY_SIZES
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class VisionConfig:
     #   backward pass instead of storing its activations (less memory, ~1 more interaction pass)
     mask_threshold: float = 0.5   # a mask is the voxels above this probability; chosen on validation
     #   subjects by `voxelprompt eval threshold --write` (voxelprompt/calibrate.py)
+    anatomy_classes: tuple[int, ...] = ()   # dense anatomy heads, one per partition (class counts,
+    #   voxelprompt/anatomy_classes.SIZES); () = the paper's network (mask head alone)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     dice_weight: float = 0.1      # λ (seeds/004 A.4)
     bce_weight: float = 1.0       # mask loss = soft Dice + this x class-balanced BCE (model.balanced_bce)
+    anatomy_weight: float = 1.0   # + this x the anatomy heads' cross-entropy (when the network has them)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (for checkpoints)."""
@@ -67,13 +74,14 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`."""
         v = dict(d["vision"])
         v["channels"] = tuple(v["channels"])
+        v["anatomy_classes"] = tuple(v.get("anatomy_classes", ()))
         return cls(name=d.get("name", "custom"), lm=LMConfig(**d["lm"]), vision=VisionConfig(**v),
                    dice_weight=d.get("dice_weight", 0.1),
-                   bce_weight=d.get("bce_weight", 1.0))
+                   bce_weight=d.get("bce_weight", 1.0), anatomy_weight=d.get("anatomy_weight", 1.0))
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "cpu": ModelConfig(),
+    "cpu": ModelConfig(vision=VisionConfig(channels=(16, 16, 32, 32), anatomy_classes=ANATOMY_SIZES)),
     "paper": ModelConfig(
         name="paper",
         lm=LMConfig(vocab_size=32000, hidden=512, layers=16, heads=32, intermediate=1024),
@@ -83,7 +91,8 @@ CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         name="tiny",
         lm=LMConfig(vocab_size=512, hidden=64, layers=2, heads=4, intermediate=128, max_positions=4096),
-        vision=VisionConfig(levels=3, channels=(4, 8, 8), attn_hidden=8, attn_heads=2, min_spacing=None),
+        vision=VisionConfig(levels=3, channels=(4, 8, 8), attn_hidden=8, attn_heads=2, min_spacing=None,
+                            anatomy_classes=ANATOMY_SIZES),
     ),
 }
 

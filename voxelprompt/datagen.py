@@ -37,6 +37,8 @@ class DataConfig:
     strict: bool = False               # raise on a failed draw instead of skipping it
     recovery_prob: float = 0.0         # share of examples rewritten with a failing step and its
     #                                    recovery (voxelprompt/recovery.py); training sets 0.15
+    anatomy_targets: bool = False      # attach each session's anatomy classes (Example.anatomy) for
+    #                                    the vision network's anatomy heads (voxelprompt/anatomy_classes.py)
 
 
 def rich_protocol(rng: np.random.Generator, max_acquisitions: int | None = None) -> list[list[str]]:
@@ -72,6 +74,10 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
                             max_acquisitions=cfg.max_acquisitions, sparsify_prob=cfg.sparsify_prob)
     case = Case.from_subject(subj)
     cats = list(cfg.categories or CATEGORIES)
+    anat = {}
+    if cfg.anatomy_targets:
+        from .anatomy_classes import targets
+        anat = {k: targets(ses.anatomy) for k, ses in enumerate(case.sessions)}
     out = []
     for _ in range(cfg.examples_per_subject):
         cat = cats[int(rng.integers(len(cats)))]
@@ -79,6 +85,8 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
             ex = sample(case, rng, cat, split=cfg.split)
             if cfg.recovery_prob and rng.random() < cfg.recovery_prob:
                 ex = with_recovery(ex, rng) or ex
+            if anat and any(c.kind == "segment" for c in ex.vision_calls):
+                ex.anatomy = {k: anat[k] for k in sorted({v.session for v in ex.volumes})}
             out.append(ex)
         except Skip:
             continue

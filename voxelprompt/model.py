@@ -369,18 +369,32 @@ class VisionNet(nn.Module):
         self.out = nn.Conv3d(c[0], 1, 1)
         nn.init.constant_(self.out.bias, -2.0)   # prior foreground probability ≈ 0.12: masks are sparse
         self.to_eps = nn.Linear(c[-1], embed_dim)
+        self.anatomy = self.select = None
+        if cfg.anatomy_classes:                  # dense anatomy heads + φ → classes selection
+            self.anatomy = nn.Linear(c[0], sum(cfg.anatomy_classes))
+            self.select = nn.Linear(cond_dim, sum(cfg.anatomy_classes))
+            nn.init.constant_(self.select.bias, -4.0)   # selects nothing at first: the free head alone
 
     @property
     def device(self) -> torch.device:
         return self.out.weight.device
 
     # ------------------------------------------------------------------ public API
-    def forward(self, volumes: Sequence, phi: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, volumes: Sequence, phi: torch.Tensor, anatomy: bool = False):
         """Soft masks in [0, 1], one ``(X, Y, Z)`` tensor per input on its native grid.
+
+        With anatomy heads (``VisionConfig.anatomy_classes``) a mask is the free mask head's
+        output or'ed with the union of the anatomy classes φ selects:
+        ``1 − (1 − σ(free)) · Π_partitions (1 − Σ_k softmax_k · σ(select(φ))_k)``.
 
         Args:
             volumes: n ``voxel_lib.Volume`` s (any shapes, spacings, orientations, intensity units).
             phi: ``(n, cond_dim)`` conditioning, one row per volume.
+            anatomy: also return the anatomy heads' log-probabilities, one ``(maps, shape, affine)``
+                per volume on its working grid: a ``(X·Y·Z, K)`` map per partition (voxels in C order) (training targets: :mod:`voxelprompt.anatomy_classes`).
+
+        Returns:
+            The masks, or ``(masks, anatomy log-probabilities)`` with ``anatomy=True``.
         """
         xs, affs, native = self._prepare(volumes, phi)
         plan = self._plan([x.shape[2:] for x in xs], affs)
@@ -392,14 +406,29 @@ class VisionNet(nn.Module):
                  for s, xi, f in zip(skips[l], x, up.factors)]
             if l > 0:
                 x = self._interact(self.dec_attn[l - 1], x, phi, lv)
-        outs = []
+        outs, anat = [], []
         for i, xi in enumerate(x):
-            logit = self.out(xi)
+            prob = torch.sigmoid(self.out(xi))
+            if self.anatomy is not None:    # a 1x1x1 conv, run as a linear map on (voxels, channels)
+                logp = [part.log_softmax(1) for part in
+                        self.anatomy(xi.reshape(xi.shape[1], -1).T).split(list(self.cfg.anatomy_classes), 1)]
+                prob = self._union(prob, logp, phi[i])
+                if anatomy:
+                    anat.append((logp, plan[0].shapes[i], plan[0].affines[i]))
             shape, aff = native[i]
             if shape != plan[0].shapes[i] or not torch.allclose(aff, plan[0].affines[i], atol=1e-5):
-                logit = resample(logit, plan[0].affines[i], shape, aff)
-            outs.append(torch.sigmoid(logit[0, 0]))
-        return outs
+                prob = resample(prob, plan[0].affines[i], shape, aff)
+            outs.append(prob[0, 0])
+        return (outs, anat) if anatomy else outs
+
+    def _union(self, prob: torch.Tensor, logp: list, phi: torch.Tensor) -> torch.Tensor:
+        """The free mask ``prob`` (1, 1, X, Y, Z) or'ed with the φ-selected anatomy classes
+        (``logp``: one ``(voxels, K)`` log-probability map per partition)."""
+        sel = torch.sigmoid(self.select(phi.to(prob))).split(list(self.cfg.anatomy_classes))
+        keep = 1 - prob.reshape(-1)
+        for lp, s in zip(logp, sel):
+            keep = keep * (1 - (lp.exp() @ s).clamp(0, 1))
+        return (1 - keep).reshape(prob.shape)
 
     def encode(self, volumes: Sequence, phi: torch.Tensor) -> torch.Tensor:
         """ε ``(n, b)``: encoder → global max-pool → linear, one row per volume."""
@@ -606,6 +635,7 @@ class LossOutput:
     dice: torch.Tensor            # mean soft-Dice loss over segment targets (0 if none)
     n_tokens: int                 # number of CE targets
     n_masks: int                  # number of Dice targets
+    anatomy: torch.Tensor | None = None   # mean anatomy-head cross-entropy (None if not computed)
 
 
 class VoxelPrompt(nn.Module):
@@ -667,26 +697,54 @@ class VoxelPrompt(nn.Module):
         h = self.lm(self.lm.embed(ids))
         keep = labels != IGNORE                 # the token head runs on target positions only
         ce = F.cross_entropy(self.lm.head(h[keep]), labels[keep])
-        dices, bces = [], []
+        dices, bces, anat = [], [], []
         if segment:
             for i, s in enumerate(seqs):
-                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois)
-        return self._total(ce, dices, bces, int(keep.sum()))
+                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
+        return self._total(ce, dices, bces, int(keep.sum()), anat)
+
+    def vision_loss(self, seqs: Sequence[TokenSequence], rois: re.Pattern | None = None) -> LossOutput:
+        """The mask loss of the segment calls alone, the language model frozen (the ``vision`` stage).
+
+        The batched language-model pass runs without gradients; φ's head and the vision network
+        train on soft Dice + w · BCE (+ w_a · the anatomy heads' cross-entropy). ``total`` is that
+        mask loss (no λ, no CE: ``ce`` is 0).
+        """
+        dev = self.lm.head.weight.device
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s.ids
+        with torch.no_grad():
+            h = self.lm(self.lm.embed(ids.to(dev)))
+        dices, bces, anat = [], [], []
+        for i, s in enumerate(seqs):
+            self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
+        out = self._total(h.new_zeros(()), dices, bces, 0, anat)
+        out.total = out.total / self.config.dice_weight     # λ · mask → mask
+        return out
 
     def segment_predictions(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
-                            rois: re.Pattern | None = None):
+                            rois: re.Pattern | None = None, anatomy: list | None = None):
         """Yields ``(call, predicted probabilities, truth)`` per session target of ``seq`` 's segment calls.
 
         φ is read from the hidden states ``h`` ``(L, b)`` at the call's ``<MOD>`` s (``mods``: the
         sequence's ``<MOD>`` positions); the truth is resampled to the prediction's grid.
-        ``rois`` keeps only the calls whose ROI it matches.
+        ``rois`` keeps only the calls whose ROI it matches. With a list ``anatomy``, a network
+        with anatomy heads and a sequence that carries its subject's anatomy
+        (``TokenSequence.anatomy``), each call appends the heads' cross-entropy on its volumes.
         """
+        heads = anatomy is not None and self.vision.anatomy is not None and bool(seq.anatomy)
         for call in seq.calls:
             if call.kind != "segment" or not call.targets or (rois is not None and not rois.search(call.roi)):
                 continue
             vols, sessions = self._call_inputs(seq, call)
             phi = self.lm.phi_head(h[mods[call.mods]])
-            merged = merge_sessions(self.vision(vols, phi), [v.shape for v in vols],
+            masks = self.vision(vols, phi, anatomy=heads)
+            if heads:
+                masks, logits = masks
+                anatomy.append(self._anatomy_loss(seq, logits, sessions))
+            merged = merge_sessions(masks, [v.shape for v in vols],
                                     [v.affine for v in vols], sessions)
             if len(merged) != len(call.targets):
                 raise ValueError(f"segment call on {call.volumes} has {len(merged)} sessions but "
@@ -694,18 +752,44 @@ class VoxelPrompt(nn.Module):
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
                 yield call, pred, _target_on(tgt, shape, aff).to(pred)
 
+    def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int]) -> torch.Tensor:
+        # logits: VisionNet.forward(anatomy=True)'s per-volume (log-probability maps, shape, affine)
+        """Mean cross-entropy of the anatomy heads over a call's volumes and the partitions."""
+        from .anatomy_classes import IGNORE as ANAT_IGNORE
+        losses = []
+        for (lg, shape, aff), s in zip(logits, sessions):
+            truth = seq.anatomy.get(s)
+            if truth is None:
+                continue
+            key = (s, tuple(shape), aff.numpy().tobytes())
+            if key not in seq._anatomy_cache:
+                t = truth
+                if tuple(t.shape) != tuple(shape) or not torch.allclose(t.affine, aff.to(_F64), atol=1e-5):
+                    t = t.resample(shape=shape, affine=aff, mode="nearest")
+                seq._anatomy_cache[key] = t.tensor.long()
+            t = seq._anatomy_cache[key].to(lg[0].device).reshape(len(lg), -1)
+            for k, lp in enumerate(lg):
+                losses.append(F.nll_loss(lp, t[k], ignore_index=ANAT_IGNORE))
+        return torch.stack(losses).mean() if losses else logits[0][0][0].new_zeros(())
+
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
-                     dices: list, bces: list, rois: re.Pattern | None = None) -> None:
-        """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``."""
-        for _, pred, t in self.segment_predictions(seq, h, mods, rois):
+                     dices: list, bces: list, rois: re.Pattern | None = None,
+                     anatomy: list | None = None) -> None:
+        """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``
+        (and the anatomy heads' cross-entropy to ``anatomy``)."""
+        for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy):
             dices.append(soft_dice_loss(pred, t))
             bces.append(balanced_bce(pred, t))
 
-    def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int) -> LossOutput:
-        """CE + λ · (mean soft Dice + w · mean BCE) over the segment targets (CE alone if none)."""
+    def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int,
+               anatomy: list | None = None) -> LossOutput:
+        """CE + λ · (mean soft Dice + w · mean BCE + w_a · mean anatomy CE) over the segment calls."""
         dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
         mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
-        return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices))
+        anat = torch.stack(anatomy).mean() if anatomy else None
+        if anat is not None:
+            mask = mask + self.config.anatomy_weight * anat
+        return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices), anat)
 
     def loss(self, seq: TokenSequence, segment: bool = True, rois: re.Pattern | None = None) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.
@@ -743,10 +827,10 @@ class VoxelPrompt(nn.Module):
         h = torch.cat(hidden, 1)[0]
         labels = seq.labels.to(dev)
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
-        dices, bces = [], []
+        dices, bces, anat = [], [], []
         if segment:
-            self._mask_losses(seq, h, mods, dices, bces, rois)
-        return self._total(ce, dices, bces, int((labels != IGNORE).sum()))
+            self._mask_losses(seq, h, mods, dices, bces, rois, anat)
+        return self._total(ce, dices, bces, int((labels != IGNORE).sum()), anat)
 
 
 def _target_on(target, shape, affine) -> torch.Tensor:

@@ -70,6 +70,8 @@ class TokenSequence:
     calls: list[CallSlots]
     volumes: dict[str, Any]        # name -> voxel_lib.Volume
     sessions: dict[str, int]       # name -> session index
+    anatomy: dict[int, Any] = field(default_factory=dict)   # session -> anatomy targets (training)
+    _anatomy_cache: dict = field(default_factory=dict, repr=False)   # targets on the working grids
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -142,4 +144,5 @@ def build_sequence(example, tok: Tokenizer, max_output_tokens: int = MAX_OUTPUT_
     labels[:-1] = torch.where(tgt, t[1:], torch.full_like(t[1:], IGNORE))
     vols = {v.name: v.volume for v in example.volumes}
     sessions = {v.name: v.session for v in example.volumes}
-    return TokenSequence(t, labels, torch.tensor(mods, dtype=torch.long), calls, vols, sessions)
+    return TokenSequence(t, labels, torch.tensor(mods, dtype=torch.long), calls, vols, sessions,
+                         dict(getattr(example, "anatomy", None) or {}))

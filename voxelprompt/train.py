@@ -29,6 +29,13 @@ optimizer step appends a line to ``DIR/metrics.jsonl``; validations add ``"kind"
 sees ~10x more programs per hour than the joint stage (10–13 vs 0.9–1.4 examples/s); a run goes ``lm`` first (grammar,
 structure names, stopping), then ``joint`` (φ, ε and the masks) with ``--init`` or ``--resume``.
 
+``--stage vision`` freezes the language model: each step runs the batched language-model pass of
+``--batch`` examples that have segment calls without gradients and trains φ's head and the vision
+network on their mask loss, plus, for a network with anatomy heads (``VisionConfig.anatomy_classes``),
+the heads' cross-entropy against each subject's anatomy (voxelprompt/anatomy_classes.py). With
+``--reinit-vision`` the fresh vision network takes ``--config`` 's design, so a new network can
+be trained under a language model that already writes the programs.
+
 ``--vision-prob p`` runs the segment calls (the Dice term) on a random share p of the examples
 only; the others give the language model a CE-only step (``encode`` calls still run). On two
 CPU cores the vision network costs ~20x the language model per example, so p = 0.3 lets the
@@ -109,7 +116,7 @@ def validate(model, examples, tok, device, segment: bool = True, rois=None) -> d
     pattern) scores only the segment calls whose ROI it matches, as in training.
     """
     model.eval()
-    ces, dices, tot, ok = [], [], [], 0
+    ces, dices, anats, tot, ok = [], [], [], [], 0
     for ex in examples:
         try:
             with _autocast(device):
@@ -121,9 +128,11 @@ def validate(model, examples, tok, device, segment: bool = True, rois=None) -> d
         tot.append(float(out.total))
         if out.n_masks:
             dices.append(float(out.dice))
+        if out.anatomy is not None:
+            anats.append(float(out.anatomy))
     model.train()
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {"ce": mean(ces), "dice_loss": mean(dices), "loss": mean(tot), "n": ok}
+    return {"ce": mean(ces), "dice_loss": mean(dices), "anatomy_ce": mean(anats), "loss": mean(tot), "n": ok}
 
 
 def _autocast(device):
@@ -183,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up (optimizer steps)")
-    p.add_argument("--stage", default="joint", choices=["joint", "lm"],
+    p.add_argument("--stage", default="joint", choices=["joint", "lm", "vision"],
                    help="joint: CE + Dice with the live vision network, one example at a time; lm: batched "
                         "CE with the ε slots zero (no encode calls), for fast program learning; with "
-                        "--vision-prob > 0 its segment calls run too, φ read from the batched pass")
-    p.add_argument("--batch", type=int, default=16, help="examples per optimizer step in the lm stage")
+                        "--vision-prob > 0 its segment calls run too, φ read from the batched pass; vision: "
+                        "the language model frozen, φ's head and the vision network trained on the segment "
+                        "calls of --batch examples per step (mask loss + anatomy heads)")
+    p.add_argument("--batch", type=int, default=16, help="examples per optimizer step in the lm and vision stages")
     p.add_argument("--accum", type=int, default=4, help="examples per optimizer step (gradient accumulation)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--vision-lr-mult", type=float, default=1.0,
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.vision_prob is None:
-        args.vision_prob = 1.0 if args.stage == "joint" else 0.0
+        args.vision_prob = 0.0 if args.stage == "lm" else 1.0
     rois = re.compile(args.vision_rois) if args.vision_rois else None
     from tqdm import tqdm
 
@@ -256,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import config_path, load_model
         model = load_model(Path(args.init), device).train()
         st = None
-        if args.reinit_vision:
+        if args.reinit_vision:      # a fresh vision network of --config's design (e.g. new heads)
             from .model import VisionNet
             torch.manual_seed(args.seed)
-            model.vision = VisionNet(model.config.vision, model.config.lm.hidden,
-                                     model.config.lm.phi_dim).to(device).train()
+            vcfg = replace(get_config(args.config).vision, mask_threshold=0.5)
+            model.config = replace(model.config, vision=vcfg)
+            model.vision = VisionNet(vcfg, model.config.lm.hidden, model.config.lm.phi_dim).to(device).train()
             for mod in model.lm.phi_head:
                 if hasattr(mod, "reset_parameters"):
                     mod.reset_parameters()
@@ -308,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = data_config_for(model.config, examples_per_subject=args.examples_per_subject,
                                max_acquisitions=args.max_acquisitions, rich_max_acquisitions=args.max_acquisitions,
                                recovery_prob=args.recovery_prob,
+                               anatomy_targets=bool(model.config.vision.anatomy_classes) and (
+                                   args.stage == "vision" or args.vision_prob > 0),
                                **({"resolution": args.data_resolution} if args.data_resolution else {}))
     (out / "run.json").write_text(json.dumps({"model": model.config.to_dict(), "data": asdict(data_cfg),
                                               "params": model.num_parameters(), "args": vars(args)}, indent=2))
@@ -346,12 +360,16 @@ def main(argv: list[str] | None = None) -> int:
                 ts = time.time()
                 warm = min(1.0, (state["step"] + 1) / max(1, args.warmup))
                 set_lr(state["lr"] * warm)
-                ces, dices, n_ok, n_tok = [], [], 0, 0
-                if args.stage == "lm":      # one batched LM-only step over --batch examples
+                ces, dices, anats, n_ok, n_tok = [], [], [], 0, 0
+                if args.stage in ("lm", "vision"):   # one batched step over --batch examples
                     if not pending:         # draw 8 batches' worth, bucket by length (less padding)
                         pool = []
                         while len(pool) < 8 * args.batch:
                             ex = next(stream)
+                            if args.stage == "vision" and not any(
+                                    c.kind == "segment" and (rois is None or rois.search(c.roi))
+                                    for c in ex.vision_calls):
+                                continue    # the vision stage needs a segment call to train on
                             try:
                                 pool.append(build_sequence(ex, tok))
                             except Exception as exc:  # a malformed example must not stop a run
@@ -364,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
                     seqs = pending.pop()
                     seg = args.vision_prob >= 1.0 or random.random() < args.vision_prob
                     with _autocast(device):
-                        o = model.lm_loss(seqs, segment=seg, rois=rois)
-                    o.total.backward()
+                        o = (model.vision_loss(seqs, rois=rois) if args.stage == "vision"
+                             else model.lm_loss(seqs, segment=seg, rois=rois))
+                    if o.total.requires_grad:
+                        o.total.backward()
                     n_ok, n_tok = len(seqs), o.n_tokens
                     ces.append(float(o.ce.detach()))
                     if o.n_masks:
                         dices.append(float(o.dice.detach()))
+                    if o.anatomy is not None:
+                        anats.append(float(o.anatomy.detach()))
                 while args.stage == "joint" and n_ok < args.accum:
                     ex = next(stream)
                     try:
@@ -388,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                     ces.append(float(o.ce.detach()))
                     if o.n_masks:
                         dices.append(float(o.dice.detach()))
+                    if o.anatomy is not None:
+                        anats.append(float(o.anatomy.detach()))
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -397,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 state["wall_s"] = wall0 + (now - start_wall)
                 rec = {"kind": "train", "step": state["step"], "examples": state["examples"],
                        "ce": float(np.mean(ces)), "dice_loss": float(np.mean(dices)) if dices else None,
+                       "anatomy_ce": float(np.mean(anats)) if anats else None,
                        "lr": opt.param_groups[0]["lr"], "vision_lr": opt.param_groups[1]["lr"], "grad_norm": gn, "tokens": n_tok,
                        "ex_per_s": n_ok / (now - ts), "wall_s": round(state["wall_s"], 1)}
                 logline(rec)
