@@ -196,3 +196,6 @@ def test_vision_stage_trains_the_vision_network_under_a_frozen_language_model(ru
     assert all(r["dice_loss"] is not None and r["anatomy_ce"] is not None and r["ce"] == 0 for r in tr)
     val = [r for r in _records(out) if r["kind"] == "val"]
     assert val and math.isfinite(val[0]["anatomy_ce"]) and math.isfinite(val[0]["dice_loss"])
+    from voxelprompt import plots       # a vision stage (no code CE) lays out after an earlier stage
+    png = plots.plot([run / "metrics.jsonl", out / "metrics.jsonl"], out / "curves.png")
+    assert png.stat().st_size > 10_000

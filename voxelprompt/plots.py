@@ -1,7 +1,8 @@
 """Learning curves from a training run's ``metrics.jsonl``.
 
 ``python -m voxelprompt.plots LOG [LOG ...] OUT.png``: three panels against training examples
-seen: code-token cross-entropy (training, moving average, and validation), soft-Dice loss (same),
+seen: code-token cross-entropy (training, moving average, and validation; for a vision stage,
+which has none, the anatomy heads' training CE), soft-Dice loss (same),
 and the learning rate. Several logs are stages of one model (e.g. a ``joint`` run, then an ``lm``
 stage started from its weights with ``--init``, then ``joint`` again): they are laid end to end on
 the examples axis, with a dashed line at each stage boundary.
@@ -75,16 +76,23 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
     logs = [logs] if isinstance(logs, (str, Path)) else list(logs)
     stages = _stages(logs)
     fig, ax = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    hours = 0.0
+    hours, anat_labelled = 0.0, False
     for si, (log, train, val) in enumerate(stages):
         x = np.array([r["x"] for r in train], float)
-        ce = np.array([r["ce"] for r in train], float)
+        # a vision stage (the language model frozen) has no code-token CE: tokens == 0
+        ce = np.array([np.nan if r.get("tokens", 1) == 0 else r["ce"] for r in train], float)
+        ac = np.array([np.nan if r.get("anatomy_ce") is None else r["anatomy_ce"] for r in train], float)
         dl = np.array([np.nan if r.get("dice_loss") is None else r["dice_loss"] for r in train], float)
         lr = np.array([r["lr"] for r in train], float)
         k = max(1, len(train) // 50)
         first = si == 0
-        ax[0].plot(x, ce, color="0.8", lw=0.6, label="train (per step)" if first else None)
-        ax[0].plot(x, _smooth(ce, k), color="C0", label="train (moving mean)" if first else None)
+        if (~np.isnan(ce)).any():
+            ax[0].plot(x, ce, color="0.8", lw=0.6, label="train (per step)" if first else None)
+            ax[0].plot(x, _smooth(ce, k), color="C0", label="train (moving mean)" if first else None)
+        if (~np.isnan(ac)).any():
+            ax[0].plot(x[~np.isnan(ac)], _smooth(ac[~np.isnan(ac)], k), color="C1",
+                       label="anatomy-head CE (train)" if not anat_labelled else None)
+            anat_labelled = True
         vx = [v["x"] for v in val]
         if val:
             ax[0].plot(vx, [v["ce"] for v in val], "o-", color="C3", ms=3, label="validation" if first else None)
@@ -103,7 +111,7 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
         ax[0].text(x[0], 1.0 - 0.06 * (si % 2), f" {stage_name(log)}", transform=ax[0].get_xaxis_transform(), va="top",
                    fontsize=8, color="0.3")
         hours += train[-1].get("wall_s", 0) / 3600
-    ax[0].set_ylabel("code-token CE (nats)")
+    ax[0].set_ylabel("cross-entropy (nats)")
     ax[0].set_yscale("log")
     ax[0].legend(loc="lower left")
     ax[1].set_ylabel("soft-Dice loss (1 − Dice)")
