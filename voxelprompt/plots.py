@@ -122,7 +122,8 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
     ax[2].set_yscale("log")
     ax[2].set_xlabel("training examples seen")
     ex = int(stages[-1][1][-1]["x"])
-    name = " + ".join(stage_name(log) for log, _, _ in stages)
+    names = [stage_name(log) for log, _, _ in stages]
+    name = " + ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]} ({len(names)} stages)"
     fig.suptitle(title or f"{name}: {ex} examples, {hours:.2f} h")
     fig.tight_layout()
     out = Path(out)
