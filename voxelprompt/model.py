@@ -391,7 +391,8 @@ class VisionNet(nn.Module):
             volumes: n ``voxel_lib.Volume`` s (any shapes, spacings, orientations, intensity units).
             phi: ``(n, cond_dim)`` conditioning, one row per volume.
             anatomy: also return the anatomy heads' log-probabilities, one ``(maps, shape, affine)``
-                per volume on its working grid: a ``(X·Y·Z, K)`` map per partition (voxels in C order) (training targets: :mod:`voxelprompt.anatomy_classes`).
+                per volume on its working grid: a ``(X·Y·Z, K)`` map per partition, voxels in C
+                order (training targets: :mod:`voxelprompt.anatomy_classes`).
 
         Returns:
             The masks, or ``(masks, anatomy log-probabilities)`` with ``anatomy=True``.
@@ -721,7 +722,7 @@ class VoxelPrompt(nn.Module):
         for i, s in enumerate(seqs):
             self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
         out = self._total(h.new_zeros(()), dices, bces, 0, anat)
-        out.total = out.total / self.config.dice_weight     # λ · mask → mask
+        out.total = out.total / max(self.config.dice_weight, 1e-12)     # λ · mask → mask
         return out
 
     def segment_predictions(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
@@ -753,8 +754,11 @@ class VoxelPrompt(nn.Module):
                 yield call, pred, _target_on(tgt, shape, aff).to(pred)
 
     def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int]) -> torch.Tensor:
-        # logits: VisionNet.forward(anatomy=True)'s per-volume (log-probability maps, shape, affine)
-        """Mean cross-entropy of the anatomy heads over a call's volumes and the partitions."""
+        """Mean cross-entropy of the anatomy heads over a call's volumes and the partitions.
+
+        ``logits``: :meth:`VisionNet.forward` 's per-volume ``(log-probability maps, shape, affine)``;
+        each volume's session anatomy is resampled (nearest) onto its working grid once per sequence.
+        """
         from .anatomy_classes import IGNORE as ANAT_IGNORE
         losses = []
         for (lg, shape, aff), s in zip(logits, sessions):
