@@ -25,6 +25,13 @@ def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _stage_from(run, out, *args):
+    """Runs a stage started from ``run``'s weights; returns the weights before and after."""
+    w0 = checkpoint.load_model(run).state_dict()
+    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), *args, *ARGS]) == 0
+    return w0, checkpoint.load_model(out).state_dict()
+
+
 def test_train_writes_checkpoint_and_metrics(run):
     ck = run / "ckpt"
     assert (ck / "model.safetensors").exists() and (ck / "model.json").exists() and (ck / "state.pt").exists()
@@ -81,11 +88,8 @@ def test_init_from_weights_starts_a_fresh_run(run, tmp_path):
 
 def test_lm_stage_trains_the_language_model_only(run, tmp_path):
     """--stage lm: batched CE steps; the vision network is untouched, the language model moves."""
-    w0 = checkpoint.load_model(run).state_dict()
     out = tmp_path / "lm"
-    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
-                       "--batch", "3", "--max-steps", "2", *ARGS]) == 0
-    w1 = checkpoint.load_model(out).state_dict()
+    w0, w1 = _stage_from(run, out, "--stage", "lm", "--batch", "3", "--max-steps", "2")
     assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision."))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm."))
     tr = [r for r in _records(out) if r["kind"] == "train"]
@@ -96,20 +100,15 @@ def test_lm_stage_trains_the_language_model_only(run, tmp_path):
 def test_lm_stage_with_vision_and_a_fresh_vision_network(run, tmp_path):
     """--reinit-vision keeps the language model and starts the vision network afresh; with
     --vision-prob 1 the lm stage's batches run their segment calls (a Dice term is logged)."""
-    w0 = checkpoint.load_model(run).state_dict()
-    out = tmp_path / "lmv"
-    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
-                       "--batch", "4", "--max-steps", "0", "--reinit-vision", *ARGS]) == 0
-    w1 = checkpoint.load_model(out).state_dict()
+    w0, w1 = _stage_from(run, tmp_path / "lmv", "--stage", "lm", "--batch", "4", "--max-steps", "0",
+                         "--reinit-vision")
     assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm.") and "phi_head" not in k)
     assert not torch.equal(w0["vision.out.weight"], w1["vision.out.weight"])
     assert not torch.equal(w0["lm.phi_head.0.weight"], w1["lm.phi_head.0.weight"])
     out2 = tmp_path / "lmv2"
-    assert train.main(["--out", str(out2), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "lm",
-                       "--batch", "4", "--max-steps", "3", "--vision-prob", "1", *ARGS]) == 0
+    _, w2 = _stage_from(run, out2, "--stage", "lm", "--batch", "4", "--max-steps", "3", "--vision-prob", "1")
     tr = [r for r in _records(out2) if r["kind"] == "train"]
     assert any(r["dice_loss"] is not None for r in tr)
-    w2 = checkpoint.load_model(out2).state_dict()
     assert any(not torch.equal(w0[k], w2[k]) for k in w0 if k.startswith("vision."))
 
 
@@ -183,11 +182,8 @@ def test_plots_lay_stages_end_to_end(run, tmp_path):
 
 def test_vision_stage_trains_the_vision_network_under_a_frozen_language_model(run, tmp_path):
     """--stage vision: only φ's head and the vision network move; the anatomy heads' CE is logged."""
-    w0 = checkpoint.load_model(run).state_dict()
     out = tmp_path / "vis"
-    assert train.main(["--out", str(out), "--init", str(run / "ckpt" / "model.safetensors"), "--stage", "vision",
-                       "--batch", "2", "--max-steps", "2", *ARGS]) == 0
-    w1 = checkpoint.load_model(out).state_dict()
+    w0, w1 = _stage_from(run, out, "--stage", "vision", "--batch", "2", "--max-steps", "2")
     assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm.") and "phi_head" not in k)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision."))
     assert not torch.equal(w0["vision.anatomy.weight"], w1["vision.anatomy.weight"])

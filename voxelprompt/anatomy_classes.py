@@ -17,7 +17,6 @@ Ids a phantom anatomy uses that the atlas lacks get :data:`IGNORE` (no loss at t
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 LABEL_IDS: tuple[int, ...] = (
     0, 2, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28, 30, 31, 41, 43, 44, 46, 47, 49,
@@ -46,6 +45,8 @@ def targets(anatomy):
         A ``voxel_lib.Volume`` (kind "label", uint8, channels labels/lobes/territories) on the
         anatomy's grid.
     """
+    import torch
+
     import voxel_lib as vl
 
     lab = anatomy.array

@@ -672,6 +672,17 @@ class VoxelPrompt(nn.Module):
             vols.append(v)
         return vols, [seq.sessions.get(n, 0) for n in call.volumes]
 
+    def _padded(self, seqs: Sequence[TokenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(B, L)`` ids (``<pad>``) and labels (``IGNORE``) on the model's device."""
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+        labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s.ids
+            labels[i, :len(s)] = s.labels
+        dev = self.lm.head.weight.device
+        return ids.to(dev), labels.to(dev)
+
     def lm_loss(self, seqs: Sequence[TokenSequence], segment: bool = False,
                 rois: re.Pattern | None = None) -> LossOutput:
         """Batched teacher-forced CE of the language model (the ``lm`` training stage).
@@ -688,13 +699,7 @@ class VoxelPrompt(nn.Module):
         whose ROI (``"lesion:1"``, ``"absent:glioma"``, ``"Left-Hippocampus"``) it matches.
         """
         dev = self.lm.head.weight.device
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
-        labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = s.ids
-            labels[i, :len(s)] = s.labels
-        ids, labels = ids.to(dev), labels.to(dev)
+        ids, labels = self._padded(seqs)
         h = self.lm(self.lm.embed(ids))
         keep = labels != IGNORE                 # the token head runs on target positions only
         ce = F.cross_entropy(self.lm.head(h[keep]), labels[keep])
@@ -712,12 +717,9 @@ class VoxelPrompt(nn.Module):
         mask loss (no λ, no CE: ``ce`` is 0).
         """
         dev = self.lm.head.weight.device
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = s.ids
+        ids, _ = self._padded(seqs)
         with torch.no_grad():
-            h = self.lm(self.lm.embed(ids.to(dev)))
+            h = self.lm(self.lm.embed(ids))
         dices, bces, anat = [], [], []
         for i, s in enumerate(seqs):
             self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
