@@ -15,7 +15,9 @@
    (``synth.contrast.synthesize`` -> ``synth.lesions.render`` -> ``synth.artifacts.corrupt``),
    resampled in world space onto the acquisition grid (anti-aliased, so thick slices get partial
    volume) and given noise (``synth.artifacts.add_noise``). All acquisitions of a subject are
-   aligned in world space.
+   aligned in world space. With ``skull_strip_prob`` an MR image is skull-stripped first, as a
+   preprocessed scan would be (:func:`strip_mask`: zero outside a brain envelope of random margin;
+   ``SkullStripped`` in its metadata).
 
 The working resolution is a parameter: 2 mm for the CPU model's training, the ``paper`` config's
 native resolution with ``resolution=1.0, floor_spacing=False``. With ``floor_spacing`` (default)
@@ -47,6 +49,8 @@ BASELINE_CHANGE = {"ventricles": (0.7, 1.8, 0.7), "hippocampus": (0.8, 1.05, 0.5
 SESSION_CHANGE = {"ventricles": (1.0, 1.12, 0.5), "hippocampus": (0.93, 1.0, 0.5), "cortex": (0.97, 1.0, 0.4)}
 LESION_FACTOR = ((0.5, 0.9), (1.1, 2.0))  # shrink or grow ranges
 NOISE_LEVEL = (0.005, 0.04)
+#: Skull-stripping envelope: the brain dilated by this many working-grid voxels (drawn per image).
+STRIP_MARGIN = (0, 2)
 
 
 @dataclass
@@ -149,13 +153,33 @@ def sample_protocol(rng: np.random.Generator, max_acquisitions: int = 8) -> list
     return out or ["t1w"]
 
 
+def strip_mask(anatomy: Anatomy, rng: np.random.Generator, lesions: list = ()) -> np.ndarray:
+    """A skull-stripping envelope on the working grid: the brain, the lesions (an extra-axial
+    meningioma stays in the image) and, half the time, the extra-cerebral CSF, dilated by a random
+    :data:`STRIP_MARGIN`, holes filled, as a brain-extraction tool's mask is."""
+    import scipy.ndimage as ndi
+
+    from .anatomy import CSF_EXTRA
+    m = anatomy.brain_mask()
+    if rng.random() < 0.5:      # some tools keep the sulcal CSF, some cut at the pia
+        m = m | (anatomy.array == CSF_EXTRA)
+    for les in lesions:
+        m = m | np.asarray(les.mask, bool)
+    k = int(rng.integers(STRIP_MARGIN[0], STRIP_MARGIN[1] + 1))
+    if k:
+        m = ndi.binary_dilation(m, iterations=k)
+    return ndi.binary_fill_holes(m)
+
+
 def render_acquisition(anatomy: Anatomy, lesions: list, contrast: str, geom: geometry.Geometry,
                        rng: np.random.Generator, *, artifacts: float = 1.0, noise_level: float | None = None,
-                       tissue_rng: np.random.Generator | None = None) -> vl.Volume:
+                       tissue_rng: np.random.Generator | None = None, strip: np.ndarray | None = None) -> vl.Volume:
     """One image: synthesize on the working grid, paint lesions, corrupt, resample to ``geom``, add noise.
 
     ``tissue_rng`` (default ``rng``) drives the tissue contrast and lesion painting; give a T1w and a
-    T1c generators in the same state to make them a pre/post-contrast pair.
+    T1c generators in the same state to make them a pre/post-contrast pair. ``strip``: a boolean
+    envelope on the working grid (:func:`strip_mask`) outside which the image is background before
+    resampling (a skull-stripped scan; its noise floor stays).
     """
     from . import artifacts as art
     from . import contrast as con
@@ -166,6 +190,8 @@ def render_acquisition(anatomy: Anatomy, lesions: list, contrast: str, geom: geo
         img = les_mod.render(img, contrast, lesions, anatomy, trng)
     img = art.corrupt(img, contrast, rng, anatomy.spacing, strength=artifacts)
     bg = -1000.0 if contrast == "ct" else 0.0  # air outside the working grid
+    if strip is not None:
+        img = np.where(strip, img, bg)
     out = geometry.resample_to(img - bg, anatomy.affine, geom.shape, geom.affine) + bg
     level = float(rng.uniform(*NOISE_LEVEL)) if noise_level is None else noise_level
     out = art.add_noise(out, rng, level * artifacts, contrast=contrast)
@@ -235,7 +261,8 @@ def generate_subject(seed: int, *, subject_id: str | None = None, anatomy: str =
                      protocols: list[list[str]] | None = None, n_lesions: int | None = None,
                      lesion_classes: list[str] | None = None, lesion_factors: dict | None = None,
                      structure_changes: dict | None = None, flip: bool | None = None, artifacts: float = 1.0,
-                     sparsify_prob: float = 0.0, transform: dict | None = None) -> Subject:
+                     sparsify_prob: float = 0.0, transform: dict | None = None,
+                     skull_strip_prob: float = 0.0) -> Subject:
     """Generates a subject, deterministically from ``seed``.
 
     Args:
@@ -258,6 +285,8 @@ def generate_subject(seed: int, *, subject_id: str | None = None, anatomy: str =
         artifacts: artifact and noise strength (0 = clean images).
         sparsify_prob: probability of sparsifying each acquisition grid (seeds/004 B.2).
         transform: keyword arguments for :func:`synth.deform.random_transform`.
+        skull_strip_prob: probability of skull-stripping each MR acquisition (:func:`strip_mask`),
+            drawn from its own stream so the images of a seed are otherwise unchanged.
     """
     from . import lesions as les_mod
     ss = np.random.SeedSequence(int(seed))
@@ -279,13 +308,14 @@ def generate_subject(seed: int, *, subject_id: str | None = None, anatomy: str =
     for k, ses in enumerate(sessions):
         rng_p = _child(ss, 4, k)
         protocol = protocols[k] if protocols is not None else sample_protocol(rng_p, max_acquisitions)
-        _render_session(ses, protocol, ss, k, resolution if floor_spacing else None, artifacts, sparsify_prob)
+        _render_session(ses, protocol, ss, k, resolution if floor_spacing else None, artifacts, sparsify_prob,
+                        skull_strip_prob)
     meta.update(n_sessions=n_sessions, lesion_classes=[le.meta["cls"] for le in lesions])
     return Subject(id=subject_id or f"{int(seed) % 10000:04d}", seed=int(seed), sessions=sessions, meta=meta)
 
 
 def _render_session(ses: Session, protocol: list[str], ss, k: int, min_spacing, artifacts: float,
-                    sparsify_prob: float) -> None:
+                    sparsify_prob: float, skull_strip_prob: float = 0.0) -> None:
     box = _bbox(ses.anatomy.brain_mask())  # centre the field of view on the brain
     head = tuple(ses.anatomy.labels.voxel_to_world([(b.start + b.stop - 1) / 2.0 for b in box]))
     keep = None
@@ -311,11 +341,18 @@ def _render_session(ses: Session, protocol: list[str], ss, k: int, min_spacing, 
                 dwi_geom = g
         name = acq if acq not in ses.acquisitions else f"{acq}_run{j + 1}"
         trng = np.random.default_rng(pair_seed) if acq in ("t1w", "t1c") else None
+        strip = None
+        if skull_strip_prob > 0 and spec.contrast != "ct":
+            srng = _child(ss, 7, k, j)
+            if srng.random() < skull_strip_prob:
+                strip = strip_mask(ses.anatomy, srng, ses.lesions)
         ses.acquisitions[name] = render_acquisition(ses.anatomy, ses.lesions, spec.contrast, g, rng,
-                                                    artifacts=artifacts, tissue_rng=trng)
+                                                    artifacts=artifacts, tissue_rng=trng, strip=strip)
         ses.acquisition_meta[name] = {"Contrast": spec.contrast, "AcquisitionDate": ses.date.isoformat(),
                                       "Modality": "CT" if spec.contrast == "ct" else "MR", **g.meta()}
+        if strip is not None:
+            ses.acquisition_meta[name]["SkullStripped"] = True
 
 
-__all__ = ["Subject", "Session", "generate_subject", "render_acquisition", "sample_protocol", "MR_PROTOCOL",
+__all__ = ["Subject", "Session", "generate_subject", "render_acquisition", "sample_protocol", "strip_mask", "MR_PROTOCOL",
            "DEFAULT_THICKNESS"]

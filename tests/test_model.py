@@ -399,7 +399,8 @@ def test_anatomy_targets_are_sided_partitions_of_a_subject():
     from voxelprompt.anatomy_classes import IGNORE, LABEL_IDS, N_LOBES, SIZES, targets
     anat = generate_subject(3, anatomy="phantom", resolution=4.0, n_sessions=1).sessions[0].anatomy
     t = targets(anat)
-    assert t.channels == 3 and t.shape == anat.shape and t.is_label
+    assert t.channels == len(SIZES) == 5 and t.shape == anat.shape and t.is_label
+    assert not t.tensor[3:].any()                          # no lesions given: lesion partitions empty
     assert torch.allclose(t.affine, anat.labels.affine)
     lab, lobes, terr = (t.tensor[k].numpy() for k in range(3))
     known = lab != IGNORE
@@ -415,6 +416,50 @@ def test_anatomy_targets_are_sided_partitions_of_a_subject():
     assert set(np.unique(lobes[frontal & (hemi == 2)])) == {1 + N_LOBES}
     assert set(np.unique(lobes[anat.lobes.tensor[0].numpy() == 0])) == {0}
     assert terr.max() <= 6 and (terr[hemi == 2] != 0).any()
+
+
+def test_lesion_partitions_paint_each_lesion_class_and_component():
+    """The lesion partitions: a lesion's class on its mask (smaller lesions on top), its components."""
+    import numpy as np
+
+    import synth.lesion_classes
+    from synth.subject import generate_subject
+    from voxelprompt.anatomy_classes import COMPONENTS, LESION_CLASSES, targets
+    assert LESION_CLASSES == synth.lesion_classes.LESION_CLASSES     # the torch-free copy is in step
+    ses = generate_subject(3, anatomy="phantom", resolution=4.0, n_sessions=1, n_lesions=2,
+                           lesion_classes=["glioma", "wmh"], protocols=[["t1w"]]).sessions[0]
+    glioma, wmh = sorted(ses.lesions, key=lambda le: le.meta["cls"] != "glioma")
+    assert glioma.meta["cls"] == "glioma" and wmh.meta["cls"] == "wmh" and glioma.components
+    t = targets(ses.anatomy, ses.lesions).tensor.numpy()
+    cls, comp = t[3], t[4]
+    big, small = sorted(ses.lesions, key=lambda le: -int(le.mask.sum()))
+    assert np.all(cls[small.mask] == 1 + LESION_CLASSES.index(small.meta["cls"]))
+    only_big = big.mask & ~small.mask
+    assert np.all(cls[only_big] == 1 + LESION_CLASSES.index(big.meta["cls"]))
+    assert np.all(cls[~(big.mask | small.mask)] == 0)
+    for name, m in glioma.components.items():
+        own = m & ~wmh.mask if glioma is big else m
+        assert np.all(comp[own] == 1 + COMPONENTS.index(name)), name
+    assert np.all(comp[~glioma.mask & ~wmh.mask] == 0)
+
+
+def test_grow_anatomy_keeps_the_trained_partitions(tok):
+    """Growing the heads to more partitions leaves the trained ones' outputs and the mask unchanged."""
+    from voxelprompt.anatomy_classes import SIZES
+    m = _model(tok, anatomy_classes=SIZES[:3]).eval()
+    net = m.vision
+    v = _vol((10, 9, 8), (2.0, 2.0, 2.0), seed=3)
+    phi = torch.randn(1, m.config.lm.phi_dim)
+    with torch.no_grad():
+        (mask0,), ((lp0, _, _),) = net([v], phi, anatomy=True)
+        net.grow_anatomy(SIZES)
+        (mask1,), ((lp1, _, _),) = net([v], phi, anatomy=True)
+    assert net.cfg.anatomy_classes == SIZES and [x.shape[1] for x in lp1] == list(SIZES)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lp0, lp1[:3]))
+    assert float(net.select.bias.detach()[sum(SIZES[:3]):].max()) == -4.0
+    assert float((mask1 - mask0).abs().max()) < 0.05       # new partitions select (almost) nothing yet
+    with pytest.raises(ValueError, match="not a prefix"):
+        net.grow_anatomy((3, 4))
 
 
 def test_anatomy_heads_mask_is_the_selected_classes(tok):

@@ -153,3 +153,29 @@ def test_bench_prints_and_writes_json(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["subjects"] == 1 and r["subjects_per_s"] > 0 and r["resolution_mm"] == 4.0
     assert "subjects / s" in capsys.readouterr().out
+
+
+def test_skull_stripping_zeroes_the_head_outside_the_brain_envelope():
+    """skull_strip_prob=1: every MR image is background outside the brain envelope (scalp, skull
+    gone), the brain is the same image, CT is never stripped, and the sidecar says so."""
+    import scipy.ndimage as ndi
+    import torch
+    kw = dict(anatomy="phantom", resolution=4.0, n_sessions=1, protocols=[["t1w", "ct"]], n_lesions=0)
+    plain = generate_subject(21, **kw).sessions[0]
+    ses = generate_subject(21, skull_strip_prob=1.0, **kw).sessions[0]
+    assert ses.acquisition_meta["t1w"].get("SkullStripped") is True
+    assert "SkullStripped" not in ses.acquisition_meta["ct"] and "SkullStripped" not in plain.acquisition_meta["t1w"]
+    assert np.array_equal(ses.acquisitions["ct"].tensor.numpy(), plain.acquisitions["ct"].tensor.numpy())
+    img, ref = ses.acquisitions["t1w"], plain.acquisitions["t1w"]
+    anat = ses.anatomy
+
+    def on(m):      # a working-grid mask on the image's grid
+        v = vl.Volume(torch.from_numpy(m.astype(np.uint8)), anat.labels.affine, "label")
+        return v.resample_like(img, mode="nearest").tensor[0].numpy() > 0
+    brain = on(anat.brain_mask())
+    scalp = on(anat.mask("scalp"))                                          # the outer layer
+    a, r = img.tensor[0].numpy(), ref.tensor[0].numpy()
+    assert np.abs(r[scalp]).mean() > 0.1 * np.abs(r[brain]).mean()          # the plain image has a head
+    assert np.median(np.abs(a[scalp])) < 0.2 * np.median(np.abs(r[scalp]))   # the stripped one: noise floor
+    deep = on(ndi.binary_erosion(anat.brain_mask(), iterations=2))
+    assert np.allclose(a[deep], r[deep], rtol=0.01)     # same brain (resampling's kernel reaches the edge)

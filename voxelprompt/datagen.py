@@ -34,6 +34,7 @@ class DataConfig:
     max_acquisitions: int = 4          # per session, to bound a training step's cost
     rich_max_acquisitions: int | None = None   # cap on RICH_PROTOCOL sessions (None: all 6)
     sparsify_prob: float = 0.5         # seeds/004 B.2 random sparsification
+    skull_strip_prob: float = 0.25     # share of MR images skull-stripped (real scans often come preprocessed)
     strict: bool = False               # raise on a failed draw instead of skipping it
     recovery_prob: float = 0.0         # share of examples rewritten with a failing step and its
     #                                    recovery (voxelprompt/recovery.py); training sets 0.15
@@ -71,13 +72,14 @@ def examples_from_subject(seed: int, cfg: DataConfig) -> list:
     protocols = rich_protocol(rng, cfg.rich_max_acquisitions) if rich else None
     subj = generate_subject(int(seed), anatomy=anatomy, resolution=cfg.resolution,
                             protocols=protocols,
-                            max_acquisitions=cfg.max_acquisitions, sparsify_prob=cfg.sparsify_prob)
+                            max_acquisitions=cfg.max_acquisitions, sparsify_prob=cfg.sparsify_prob,
+                            skull_strip_prob=cfg.skull_strip_prob)
     case = Case.from_subject(subj)
     cats = list(cfg.categories or CATEGORIES)
     anat = {}
     if cfg.anatomy_targets:
         from .anatomy_classes import targets
-        anat = {k: targets(ses.anatomy) for k, ses in enumerate(case.sessions)}
+        anat = {k: targets(ses.anatomy, ses.lesions) for k, ses in enumerate(case.sessions)}
     out = []
     for _ in range(cfg.examples_per_subject):
         cat = cats[int(rng.integers(len(cats)))]

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model is built from a config: never touch a hub
@@ -431,6 +431,26 @@ class VisionNet(nn.Module):
             keep = keep * (1 - (lp.exp() @ s).clamp(0, 1))
         return (1 - keep).reshape(prob.shape)
 
+    def grow_anatomy(self, sizes: Sequence[int]) -> None:
+        """Extends the anatomy heads to the partitions ``sizes``, of which the current ones are a
+        prefix (``VisionConfig.anatomy_classes``): trained rows are kept, new partitions start fresh
+        (their selection bias at −4, so they select nothing at first)."""
+        old, sizes = tuple(self.cfg.anatomy_classes), tuple(int(k) for k in sizes)
+        if not old or sizes[:len(old)] != old:
+            raise ValueError(f"anatomy partitions {old} are not a prefix of {sizes}")
+        if sizes == old:
+            return
+        n = sum(old)
+        anatomy = nn.Linear(self.anatomy.in_features, sum(sizes)).to(self.anatomy.weight)
+        select = nn.Linear(self.select.in_features, sum(sizes)).to(self.select.weight)
+        nn.init.constant_(select.bias, -4.0)
+        with torch.no_grad():
+            for new, cur in ((anatomy, self.anatomy), (select, self.select)):
+                new.weight[:n] = cur.weight
+                new.bias[:n] = cur.bias
+        self.anatomy, self.select = anatomy, select
+        self.cfg = replace(self.cfg, anatomy_classes=sizes)
+
     def encode(self, volumes: Sequence, phi: torch.Tensor) -> torch.Tensor:
         """ε ``(n, b)``: encoder → global max-pool → linear, one row per volume."""
         xs, affs, _ = self._prepare(volumes, phi)
@@ -760,8 +780,11 @@ class VoxelPrompt(nn.Module):
 
         ``logits``: :meth:`VisionNet.forward` 's per-volume ``(log-probability maps, shape, affine)``;
         each volume's session anatomy is resampled (nearest) onto its working grid once per sequence.
+        Network and targets are scored on the partitions both have (the first ones: an older design
+        has fewer partitions, and targets may stop early).
         """
         from .anatomy_classes import IGNORE as ANAT_IGNORE
+        from .anatomy_classes import class_weights
         losses = []
         for (lg, shape, aff), s in zip(logits, sessions):
             truth = seq.anatomy.get(s)
@@ -773,9 +796,12 @@ class VoxelPrompt(nn.Module):
                 if tuple(t.shape) != tuple(shape) or not torch.allclose(t.affine, aff.to(_F64), atol=1e-5):
                     t = t.resample(shape=shape, affine=aff, mode="nearest")
                 seq._anatomy_cache[key] = t.tensor.long()
-            t = seq._anatomy_cache[key].to(lg[0].device).reshape(len(lg), -1)
-            for k, lp in enumerate(lg):
-                losses.append(F.nll_loss(lp, t[k], ignore_index=ANAT_IGNORE))
+            t = seq._anatomy_cache[key]
+            n = min(len(lg), t.shape[0])
+            t = t[:n].to(lg[0].device).reshape(n, -1)
+            for k, (lp, w) in enumerate(zip(lg[:n], class_weights([x.shape[1] for x in lg[:n]]))):
+                w = None if w is None else lp.new_tensor(w)
+                losses.append(F.nll_loss(lp, t[k], weight=w, ignore_index=ANAT_IGNORE))
         return torch.stack(losses).mean() if losses else logits[0][0][0].new_zeros(())
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,

@@ -34,7 +34,9 @@ structure names, stopping), then ``joint`` (φ, ε and the masks) with ``--init`
 network on their mask loss, plus, for a network with anatomy heads (``VisionConfig.anatomy_classes``),
 the heads' cross-entropy against each subject's anatomy (voxelprompt/anatomy_classes.py). With
 ``--reinit-vision`` the fresh vision network takes ``--config`` 's design, so a new network can
-be trained under a language model that already writes the programs.
+be trained under a language model that already writes the programs. ``--grow-heads`` instead keeps
+the trained network and extends its anatomy heads to ``--config`` 's partitions (new partitions,
+e.g. the lesion ones, start fresh; :meth:`VisionNet.grow_anatomy`).
 
 ``--vision-prob p`` runs the segment calls (the Dice term) on a random share p of the examples
 only; the others give the language model a CE-only step (``encode`` calls still run). On two
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reinit-vision", action="store_true",
                    help="with --init: a freshly initialised vision network (and φ head), keeping the language "
                         "model, e.g. when the vision weights are saturated (every output ~0) and cannot recover")
+    p.add_argument("--grow-heads", action="store_true",
+                   help="with --init: keep the trained vision network and extend its anatomy heads to --config's "
+                        "partitions (the trained ones must be a prefix), e.g. to add the lesion partitions")
     p.add_argument("--max-hours", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -276,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             for mod in model.lm.phi_head:
                 if hasattr(mod, "reset_parameters"):
                     mod.reset_parameters()
+        elif args.grow_heads:
+            sizes = get_config(args.config).vision.anatomy_classes
+            try:
+                model.vision.grow_anatomy(sizes)
+            except ValueError as e:
+                print(f"error: --grow-heads: {e}", file=sys.stderr)
+                return 2
+            model.config = replace(model.config, vision=model.vision.cfg)
         try:    # a stage started from saved weights draws fresh subjects, not its parent's stream again
             init_examples = int(json.loads(config_path(Path(args.init)).read_text()).get("examples", 0))
         except (OSError, ValueError):
