@@ -195,3 +195,27 @@ def test_vision_stage_trains_the_vision_network_under_a_frozen_language_model(ru
     from voxelprompt import plots       # a vision stage (no code CE) lays out after an earlier stage
     png = plots.plot([run / "metrics.jsonl", out / "metrics.jsonl"], out / "curves.png")
     assert png.stat().st_size > 10_000
+
+
+def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tmp_path):
+    """--grow-heads: weights with the three anatomy partitions gain the lesion ones; the vision
+    stage then trains all five. A config whose partitions do not extend the weights' is refused."""
+    from dataclasses import replace
+
+    from voxelprompt.anatomy_classes import SIZES
+    from voxelprompt.model import VoxelPrompt
+    m = checkpoint.load_model(run)
+    n = sum(SIZES[:3])
+    old = VoxelPrompt(replace(m.config, vision=replace(m.config.vision, anatomy_classes=SIZES[:3])))
+    old.load_state_dict({k: v[:n] if k.startswith(("vision.anatomy.", "vision.select.")) else v
+                         for k, v in m.state_dict().items()})
+    w = checkpoint.save_model(old, tmp_path / "three" / "model.safetensors")
+    out = tmp_path / "grown"
+    assert train.main(["--out", str(out), "--init", str(w), "--grow-heads", "--stage", "vision", "--batch", "2",
+                       "--max-steps", "1", *ARGS]) == 0
+    g = checkpoint.load_model(out)
+    assert g.config.vision.anatomy_classes == SIZES and g.vision.anatomy.weight.shape[0] == sum(SIZES)
+    assert float((g.vision.select.bias.detach()[n:] + 4.0).abs().max()) < 0.05      # new rows: fresh, one step in
+    assert any(r["kind"] == "train" and r["anatomy_ce"] is not None for r in _records(out))
+    assert train.main(["--out", str(tmp_path / "bad"), "--init", str(run / "ckpt" / "model.safetensors"),
+                       "--grow-heads", "--config", "paper", "--max-steps", "1", "--workers", "0", "--quiet"]) == 2
