@@ -515,3 +515,39 @@ def test_vision_loss_trains_phi_head_and_vision_not_the_language_model(tok):
         o.total.backward()
         opt.step()
     assert float(o.anatomy) < 0.5 * first                          # the dense heads fit the labels
+
+
+def test_anatomy_loss_teaches_the_selection_the_classes_a_target_covers(tok):
+    """φ's selection learns from the truth directly: a class over half inside the call's target is
+    wanted, the others not; the heads' soft Dice counts every present class alike."""
+    m = _model(tok)
+    ex = _example()
+    t1 = ex.volumes[0].volume
+    sphere = ex.vision_calls[0].targets[0].tensor[0].bool()
+    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
+    lab[0, :6], lab[0, 6:] = 1, 2
+    lab[0][sphere] = 3                            # class 3 is the call's target
+    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    seq = build_sequence(ex, tok)
+    out = m.vision_loss([seq])
+    assert out.select is not None and out.anatomy_dice is not None
+    assert 0 < float(out.anatomy_dice) < 1 and float(out.select) > 0
+    anatomy = m.config.anatomy_weight * float(out.anatomy + out.anatomy_dice + out.select)
+    assert float(out.total.detach()) >= float(out.dice) + anatomy - 1e-4   # all three in the total (+ BCE)
+
+    def selection():
+        with torch.no_grad():
+            h = m.lm(m.lm.embed(seq.ids[None]))[0]
+            phi = m.lm.phi_head(h[seq.mod_positions[seq.calls[0].mods]])
+            return torch.sigmoid(m.vision.select(phi[0]))[:4]
+    before = selection()
+    assert float(before.max()) < 0.05                        # bias −4: nothing selected at first
+    opt = torch.optim.Adam(list(m.vision.select.parameters()) + list(m.lm.phi_head.parameters()), lr=5e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        o = m.vision_loss([seq])
+        o.select.backward()
+        opt.step()
+    after = selection()
+    assert float(after[3]) > 0.5 and float(after[1]) < 0.5 and float(after[2]) < 0.5
+    assert float(o.select) < 0.5 * float(out.select)

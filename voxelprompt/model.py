@@ -657,6 +657,8 @@ class LossOutput:
     n_tokens: int                 # number of CE targets
     n_masks: int                  # number of Dice targets
     anatomy: torch.Tensor | None = None   # mean anatomy-head cross-entropy (None if not computed)
+    anatomy_dice: torch.Tensor | None = None   # mean anatomy-head soft-Dice loss (None if not computed)
+    select: torch.Tensor | None = None    # mean BCE of φ's anatomy-class selection (None if not computed)
 
 
 class VoxelPrompt(nn.Module):
@@ -755,7 +757,8 @@ class VoxelPrompt(nn.Module):
         sequence's ``<MOD>`` positions); the truth is resampled to the prediction's grid.
         ``rois`` keeps only the calls whose ROI it matches. With a list ``anatomy``, a network
         with anatomy heads and a sequence that carries its subject's anatomy
-        (``TokenSequence.anatomy``), each call appends the heads' cross-entropy on its volumes.
+        (``TokenSequence.anatomy``), each call appends the heads' losses on its volumes
+        (``(CE, Dice, selection)``, :meth:`_anatomy_loss`).
         """
         heads = anatomy is not None and self.vision.anatomy is not None and bool(seq.anatomy)
         for call in seq.calls:
@@ -766,7 +769,9 @@ class VoxelPrompt(nn.Module):
             masks = self.vision(vols, phi, anatomy=heads)
             if heads:
                 masks, logits = masks
-                anatomy.append(self._anatomy_loss(seq, logits, sessions))
+                parts = self._anatomy_loss(seq, logits, sessions, call, phi)
+                if parts is not None:
+                    anatomy.append(parts)
             merged = merge_sessions(masks, [v.shape for v in vols],
                                     [v.affine for v in vols], sessions)
             if len(merged) != len(call.targets):
@@ -775,18 +780,29 @@ class VoxelPrompt(nn.Module):
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
                 yield call, pred, _target_on(tgt, shape, aff).to(pred)
 
-    def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int]) -> torch.Tensor:
-        """Mean cross-entropy of the anatomy heads over a call's volumes and the partitions.
+    def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int], call=None,
+                      phi: torch.Tensor | None = None) -> torch.Tensor:
+        """The anatomy heads' losses over a call's volumes and partitions: ``(CE, Dice, selection)``.
 
         ``logits``: :meth:`VisionNet.forward` 's per-volume ``(log-probability maps, shape, affine)``;
         each volume's session anatomy is resampled (nearest) onto its working grid once per sequence.
         Network and targets are scored on the partitions both have (the first ones: an older design
         has fewer partitions, and targets may stop early).
+
+        * CE: class-weighted cross-entropy (:func:`~voxelprompt.anatomy_classes.class_weights`).
+        * Dice: soft-Dice loss averaged over the foreground classes present, each class counting
+          alike however small (SynthSeg's loss; CE alone lets the heads settle on the few large
+          classes).
+        * selection: with the ``call`` and its ``phi``, a class-balanced BCE that teaches φ's
+          selection (:meth:`VisionNet._union`) the classes the call's truth covers: a class present
+          in the volume is wanted when over half its voxels lie in the target, else not (classes
+          absent from the volume are not scored). Without it the selection only learns through the
+          mask loss, and settles on one selection for every prompt.
         """
         from .anatomy_classes import IGNORE as ANAT_IGNORE
         from .anatomy_classes import class_weights
-        losses = []
-        for (lg, shape, aff), s in zip(logits, sessions):
+        ces, dices, sels = [], [], []
+        for v, ((lg, shape, aff), s) in enumerate(zip(logits, sessions)):
             truth = seq.anatomy.get(s)
             if truth is None:
                 continue
@@ -799,10 +815,32 @@ class VoxelPrompt(nn.Module):
             t = seq._anatomy_cache[key]
             n = min(len(lg), t.shape[0])
             t = t[:n].to(lg[0].device).reshape(n, -1)
+            inside = None
+            order = sorted(set(sessions))          # the call's targets: one per session, in this order
+            if call is not None and phi is not None and len(call.targets) == len(order):
+                inside = _target_on(call.targets[order.index(s)], shape, aff).to(lg[0].device).reshape(-1) > 0.5
+                sel_logits = self.vision.select(phi[v].to(lg[0])).split(list(self.vision.cfg.anatomy_classes))
             for k, (lp, w) in enumerate(zip(lg[:n], class_weights([x.shape[1] for x in lg[:n]]))):
                 w = None if w is None else lp.new_tensor(w)
-                losses.append(F.nll_loss(lp, t[k], weight=w, ignore_index=ANAT_IGNORE))
-        return torch.stack(losses).mean() if losses else logits[0][0][0].new_zeros(())
+                ces.append(F.nll_loss(lp, t[k], weight=w, ignore_index=ANAT_IGNORE))
+                ok = t[k] != ANAT_IGNORE
+                lab = t[k][ok]
+                count = torch.bincount(lab, minlength=lp.shape[1]).to(lp)
+                fg = (count > 0).nonzero().flatten()
+                fg = fg[fg > 0]
+                if len(fg):
+                    prob = lp[ok].exp()
+                    onehot = F.one_hot(lab, lp.shape[1]).to(lp)
+                    inter = (prob[:, fg] * onehot[:, fg]).sum(0)
+                    dices.append(1 - ((2 * inter + 1) / (prob[:, fg].sum(0) + count[fg] + 1)).mean())
+                if inside is not None:
+                    covered = torch.bincount(lab[inside[ok]], minlength=lp.shape[1]).to(lp)
+                    want = (covered > 0.5 * count).to(lp)
+                    present = count > 0
+                    sels.append(balanced_bce(torch.sigmoid(sel_logits[k][present]), want[present]))
+        zero = logits[0][0][0].new_zeros(())
+        mean = lambda v: torch.stack(v).mean() if v else zero  # noqa: E731
+        return torch.stack([mean(ces), mean(dices), mean(sels)]) if ces else None
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
                      dices: list, bces: list, rois: re.Pattern | None = None,
@@ -815,13 +853,16 @@ class VoxelPrompt(nn.Module):
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int,
                anatomy: list | None = None) -> LossOutput:
-        """CE + λ · (mean soft Dice + w · mean BCE + w_a · mean anatomy CE) over the segment calls."""
+        """CE + λ · (mean soft Dice + w · mean BCE + w_a · mean anatomy loss) over the segment calls.
+
+        The anatomy loss of a call is its heads' CE + Dice + selection BCE (:meth:`_anatomy_loss`)."""
         dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
         mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
-        anat = torch.stack(anatomy).mean() if anatomy else None
-        if anat is not None:
-            mask = mask + self.config.anatomy_weight * anat
-        return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices), anat)
+        parts = torch.stack(anatomy).mean(0) if anatomy else None
+        if parts is not None:
+            mask = mask + self.config.anatomy_weight * parts.sum()
+        return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices),
+                          *(() if parts is None else (parts[0], parts[1], parts[2])))
 
     def loss(self, seq: TokenSequence, segment: bool = True, rois: re.Pattern | None = None) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.

@@ -76,13 +76,14 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
     logs = [logs] if isinstance(logs, (str, Path)) else list(logs)
     stages = _stages(logs)
     fig, ax = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    hours, anat_labelled = 0.0, False
+    hours, anat_labelled, adice_labelled = 0.0, False, False
     for si, (log, train, val) in enumerate(stages):
         x = np.array([r["x"] for r in train], float)
         # a vision stage (the language model frozen) has no code-token CE: tokens == 0
         ce = np.array([np.nan if r.get("tokens", 1) == 0 else r["ce"] for r in train], float)
         ac = np.array([np.nan if r.get("anatomy_ce") is None else r["anatomy_ce"] for r in train], float)
         dl = np.array([np.nan if r.get("dice_loss") is None else r["dice_loss"] for r in train], float)
+        ad = np.array([np.nan if r.get("anatomy_dice") is None else r["anatomy_dice"] for r in train], float)
         lr = np.array([r["lr"] for r in train], float)
         k = max(1, len(train) // 50)
         first = si == 0
@@ -100,6 +101,10 @@ def plot(logs, out: str | Path, title: str | None = None) -> Path:
         if ok.any():
             ax[1].plot(x[ok], dl[ok], color="0.8", lw=0.6)
             ax[1].plot(x[ok], _smooth(dl[ok], k), color="C0", label="train" if first else None)
+        if (~np.isnan(ad)).any():
+            ax[1].plot(x[~np.isnan(ad)], _smooth(ad[~np.isnan(ad)], k), color="C1",
+                       label="anatomy-head soft Dice (train)" if not adice_labelled else None)
+            adice_labelled = True
         vd = [(a, v["dice_loss"]) for a, v in zip(vx, val) if v.get("dice_loss") is not None
               and np.isfinite(v["dice_loss"])]
         if vd:

@@ -118,7 +118,7 @@ def validate(model, examples, tok, device, segment: bool = True, rois=None) -> d
     pattern) scores only the segment calls whose ROI it matches, as in training.
     """
     model.eval()
-    ces, dices, anats, tot, ok = [], [], [], [], 0
+    ces, dices, anats, adices, sels, tot, ok = [], [], [], [], [], [], 0
     for ex in examples:
         try:
             with _autocast(device):
@@ -132,9 +132,12 @@ def validate(model, examples, tok, device, segment: bool = True, rois=None) -> d
             dices.append(float(out.dice))
         if out.anatomy is not None:
             anats.append(float(out.anatomy))
+            adices.append(float(out.anatomy_dice))
+            sels.append(float(out.select))
     model.train()
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {"ce": mean(ces), "dice_loss": mean(dices), "anatomy_ce": mean(anats), "loss": mean(tot), "n": ok}
+    return {"ce": mean(ces), "dice_loss": mean(dices), "anatomy_ce": mean(anats), "anatomy_dice": mean(adices),
+            "select_bce": mean(sels), "loss": mean(tot), "n": ok}
 
 
 def _autocast(device):
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 ts = time.time()
                 warm = min(1.0, (state["step"] + 1) / max(1, args.warmup))
                 set_lr(state["lr"] * warm)
-                ces, dices, anats, n_ok, n_tok = [], [], [], 0, 0
+                ces, dices, anats, adices, sels, n_ok, n_tok = [], [], [], [], [], 0, 0
                 if args.stage in ("lm", "vision"):   # one batched step over --batch examples
                     if not pending:         # draw 8 batches' worth, bucket by length (less padding)
                         pool = []
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         dices.append(float(o.dice.detach()))
                     if o.anatomy is not None:
                         anats.append(float(o.anatomy.detach()))
+                        adices.append(float(o.anatomy_dice.detach()))
+                        sels.append(float(o.select.detach()))
                 while args.stage == "joint" and n_ok < args.accum:
                     ex = next(stream)
                     try:
@@ -425,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                         dices.append(float(o.dice.detach()))
                     if o.anatomy is not None:
                         anats.append(float(o.anatomy.detach()))
+                        adices.append(float(o.anatomy_dice.detach()))
+                        sels.append(float(o.select.detach()))
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -435,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"kind": "train", "step": state["step"], "examples": state["examples"],
                        "ce": float(np.mean(ces)), "dice_loss": float(np.mean(dices)) if dices else None,
                        "anatomy_ce": float(np.mean(anats)) if anats else None,
+                       "anatomy_dice": float(np.mean(adices)) if adices else None,
+                       "select_bce": float(np.mean(sels)) if sels else None,
                        "lr": opt.param_groups[0]["lr"], "vision_lr": opt.param_groups[1]["lr"], "grad_norm": gn, "tokens": n_tok,
                        "ex_per_s": n_ok / (now - ts), "wall_s": round(state["wall_s"], 1)}
                 logline(rec)
