@@ -216,6 +216,9 @@ def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tm
     g = checkpoint.load_model(out)
     assert g.config.vision.anatomy_classes == SIZES and g.vision.anatomy.weight.shape[0] == sum(SIZES)
     assert float((g.vision.select.bias.detach()[n:] + 4.0).abs().max()) < 0.05      # new rows: fresh, one step in
-    assert any(r["kind"] == "train" and r["anatomy_ce"] is not None for r in _records(out))
+    recs = [r for r in _records(out) if r["kind"] == "train"]
+    assert all(r["anatomy_ce"] is not None and 0 < r["anatomy_dice"] <= 1 and r["select_bce"] > 0 for r in recs)
+    with pytest.raises(SystemExit):       # growing and re-initialising the heads exclude each other
+        train.main(["--out", str(tmp_path / "both"), "--init", str(w), "--grow-heads", "--reinit-vision"])
     assert train.main(["--out", str(tmp_path / "bad"), "--init", str(run / "ckpt" / "model.safetensors"),
                        "--grow-heads", "--config", "paper", "--max-steps", "1", "--workers", "0", "--quiet"]) == 2

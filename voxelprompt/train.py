@@ -188,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these model weights (.safetensors) with a fresh optimizer, e.g. the "
                         "weights committed in training/ when a run's optimizer state is gone")
-    p.add_argument("--reinit-vision", action="store_true",
+    vision_init = p.add_mutually_exclusive_group()
+    vision_init.add_argument("--reinit-vision", action="store_true",
                    help="with --init: a freshly initialised vision network (and φ head), keeping the language "
                         "model, e.g. when the vision weights are saturated (every output ~0) and cannot recover")
-    p.add_argument("--grow-heads", action="store_true",
+    vision_init.add_argument("--grow-heads", action="store_true",
                    help="with --init: keep the trained vision network and extend its anatomy heads to --config's "
                         "partitions (the trained ones must be a prefix), e.g. to add the lesion partitions")
     p.add_argument("--max-hours", type=float, default=None, help="stop (with a checkpoint) after this long")
