@@ -828,11 +828,10 @@ class VoxelPrompt(nn.Module):
                 count = torch.bincount(lab, minlength=lp.shape[1]).to(lp)
                 fg = (count > 0).nonzero().flatten()
                 fg = fg[fg > 0]
-                if len(fg):
+                if len(fg):             # per class: Σ p over its truth voxels, Σ p, |truth|
                     prob = lp[ok].exp()
-                    onehot = F.one_hot(lab, lp.shape[1]).to(lp)
-                    inter = (prob[:, fg] * onehot[:, fg]).sum(0)
-                    dices.append(1 - ((2 * inter + 1) / (prob[:, fg].sum(0) + count[fg] + 1)).mean())
+                    inter = count.new_zeros(len(count)).index_add(0, lab, prob.gather(1, lab[:, None])[:, 0])
+                    dices.append(1 - ((2 * inter[fg] + 1) / (prob.sum(0)[fg] + count[fg] + 1)).mean())
                 if inside is not None:
                     covered = torch.bincount(lab[inside[ok]], minlength=lp.shape[1]).to(lp)
                     want = (covered > 0.5 * count).to(lp)
