@@ -551,3 +551,28 @@ def test_anatomy_loss_teaches_the_selection_the_classes_a_target_covers(tok):
     after = selection()
     assert float(after[3]) > 0.5 and float(after[1]) < 0.5 and float(after[2]) < 0.5
     assert float(o.select) < 0.5 * float(out.select)
+
+
+def test_lm_stage_teaches_the_language_model_the_selection(tok):
+    """Without running the vision network, the lm stage's loss has the selection term, and its
+    gradient reaches the language model's body (the target must get into φ) and the selector."""
+    m = _model(tok)
+    ex = _example()
+    t1 = ex.volumes[0].volume
+    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
+    lab[0, :6], lab[0, 6:] = 1, 2
+    lab[0][ex.vision_calls[0].targets[0].tensor[0].bool()] = 3
+    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    seq = build_sequence(ex, tok)
+    (want, present), *_ = m.selection_targets(seq, seq.calls[0])[0]
+    assert want[:4].tolist() == [False, False, False, True]
+    assert present[1:4].all() and not present[0] and not present[4:].any()       # classes 1–3 only
+    out = m.lm_loss([seq], segment=False)
+    assert out.n_masks == 0 and out.anatomy is None and out.select is not None
+    assert float(out.total) > float(out.ce) + 0.5 * m.config.dice_weight * float(out.select)
+    out.total.backward()
+    assert float(m.vision.select.weight.grad.abs().sum()) > 0
+    assert float(m.lm.llama.layers[0].self_attn.q_proj.weight.grad.abs().sum()) > 0
+    assert m.vision.anatomy.weight.grad is None                   # the vision network did not run
+    bare = build_sequence(_example(), tok)                         # no anatomy truth: CE only
+    assert m.lm_loss([bare]).select is None

@@ -725,11 +725,13 @@ class VoxelPrompt(nn.Module):
         h = self.lm(self.lm.embed(ids))
         keep = labels != IGNORE                 # the token head runs on target positions only
         ce = F.cross_entropy(self.lm.head(h[keep]), labels[keep])
-        dices, bces, anat = [], [], []
-        if segment:
-            for i, s in enumerate(seqs):
+        dices, bces, anat, sels = [], [], [], []
+        for i, s in enumerate(seqs):
+            if segment:
                 self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
-        return self._total(ce, dices, bces, int(keep.sum()), anat)
+            else:
+                self._selection_losses(s, h[i], s.mod_positions.to(dev), sels, rois)
+        return self._total(ce, dices, bces, int(keep.sum()), anat, sels)
 
     def vision_loss(self, seqs: Sequence[TokenSequence], rois: re.Pattern | None = None) -> LossOutput:
         """The mask loss of the segment calls alone, the language model frozen (the ``vision`` stage).
@@ -801,8 +803,8 @@ class VoxelPrompt(nn.Module):
         """
         from .anatomy_classes import IGNORE as ANAT_IGNORE
         from .anatomy_classes import class_weights
-        ces, dices, sels = [], [], []
-        for v, ((lg, shape, aff), s) in enumerate(zip(logits, sessions)):
+        ces, dices = [], []
+        for (lg, shape, aff), s in zip(logits, sessions):
             truth = seq.anatomy.get(s)
             if truth is None:
                 continue
@@ -815,11 +817,6 @@ class VoxelPrompt(nn.Module):
             t = seq._anatomy_cache[key]
             n = min(len(lg), t.shape[0])
             t = t[:n].to(lg[0].device).reshape(n, -1)
-            inside = None
-            order = sorted(set(sessions))          # the call's targets: one per session, in this order
-            if call is not None and phi is not None and len(call.targets) == len(order):
-                inside = _target_on(call.targets[order.index(s)], shape, aff).to(lg[0].device).reshape(-1) > 0.5
-                sel_logits = self.vision.select(phi[v].to(lg[0])).split(list(self.vision.cfg.anatomy_classes))
             for k, (lp, w) in enumerate(zip(lg[:n], class_weights([x.shape[1] for x in lg[:n]]))):
                 w = None if w is None else lp.new_tensor(w)
                 ces.append(F.nll_loss(lp, t[k], weight=w, ignore_index=ANAT_IGNORE))
@@ -832,14 +829,74 @@ class VoxelPrompt(nn.Module):
                     prob = lp[ok].exp()
                     inter = count.new_zeros(len(count)).index_add(0, lab, prob.gather(1, lab[:, None])[:, 0])
                     dices.append(1 - ((2 * inter[fg] + 1) / (prob.sum(0)[fg] + count[fg] + 1)).mean())
-                if inside is not None:
-                    covered = torch.bincount(lab[inside[ok]], minlength=lp.shape[1]).to(lp)
-                    want = (covered > 0.5 * count).to(lp)
-                    present = count > 0
-                    sels.append(balanced_bce(torch.sigmoid(sel_logits[k][present]), want[present]))
+        if not ces:
+            return None
         zero = logits[0][0][0].new_zeros(())
-        mean = lambda v: torch.stack(v).mean() if v else zero  # noqa: E731
-        return torch.stack([mean(ces), mean(dices), mean(sels)]) if ces else None
+        sel = self._selection_loss(seq, call, phi, sessions) if call is not None and phi is not None else None
+        return torch.stack([torch.stack(ces).mean(), torch.stack(dices).mean() if dices else zero,
+                            zero if sel is None else sel.to(zero)])
+
+    def selection_targets(self, seq: TokenSequence, call) -> dict:
+        """φ's selection targets of a segment call: ``{session: [(wanted, present), ...]}``, one pair of
+        ``(K,)`` bool tensors per anatomy partition, read off the session's anatomy truth.
+
+        A class present in the session is wanted when over half its voxels lie inside the call's
+        target (resampled, nearest, onto the anatomy grid). Cached on ``seq``.
+        """
+        from .anatomy_classes import IGNORE as ANAT_IGNORE
+        key = ("select", id(call))
+        if key in seq._anatomy_cache:
+            return seq._anatomy_cache[key]
+        sizes = list(self.vision.cfg.anatomy_classes)
+        order = sorted({seq.sessions.get(n, 0) for n in call.volumes})   # one target per session
+        out = {}
+        if len(call.targets) == len(order):
+            for s, tgt in zip(order, call.targets):
+                truth = seq.anatomy.get(s)
+                if truth is None:
+                    continue
+                inside = tgt.resample(shape=truth.shape, affine=truth.affine, mode="nearest").tensor[0] > 0.5
+                lab = truth.tensor.long()
+                pairs = []
+                for k, n in enumerate(sizes[:lab.shape[0]]):
+                    ok = lab[k] != ANAT_IGNORE
+                    count = torch.bincount(lab[k][ok], minlength=n)[:n]
+                    covered = torch.bincount(lab[k][ok & inside], minlength=n)[:n]
+                    pairs.append((covered > 0.5 * count, count > 0))
+                out[s] = pairs
+        seq._anatomy_cache[key] = out
+        return out
+
+    def _selection_loss(self, seq: TokenSequence, call, phi: torch.Tensor, sessions: Sequence[int]):
+        """Class-balanced BCE of φ's selection (:meth:`VisionNet._union`) against
+        :meth:`selection_targets`, over the present classes of each partition and the call's
+        volumes (``phi``: one row per volume); None when the call has no anatomy truth."""
+        targets = self.selection_targets(seq, call)
+        losses = []
+        for v, s in enumerate(sessions):
+            if s not in targets:
+                continue
+            logits = self.vision.select(phi[v]).split(list(self.vision.cfg.anatomy_classes))
+            for lg, (want, present) in zip(logits, targets[s]):
+                present = present.to(lg.device)
+                if present.any():
+                    losses.append(balanced_bce(torch.sigmoid(lg[present]), want.to(lg)[present]))
+        return torch.stack(losses).mean() if losses else None
+
+    def _selection_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor, out: list,
+                          rois: re.Pattern | None = None) -> None:
+        """Appends the selection loss of each of ``seq`` 's segment calls (φ from ``h`` ``(L, b)``) to
+        ``out``, without running the vision network: how the ``lm`` stage (and ``joint`` examples
+        whose segment calls do not run) teach the language model to put the target in φ."""
+        if self.vision.select is None or not seq.anatomy:
+            return
+        for call in seq.calls:
+            if call.kind != "segment" or not call.targets or (rois is not None and not rois.search(call.roi)):
+                continue
+            _, sessions = self._call_inputs(seq, call)
+            sel = self._selection_loss(seq, call, self.lm.phi_head(h[mods[call.mods]]), sessions)
+            if sel is not None:
+                out.append(sel)
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
                      dices: list, bces: list, rois: re.Pattern | None = None,
@@ -851,17 +908,22 @@ class VoxelPrompt(nn.Module):
             bces.append(balanced_bce(pred, t))
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int,
-               anatomy: list | None = None) -> LossOutput:
+               anatomy: list | None = None, selections: list | None = None) -> LossOutput:
         """CE + λ · (mean soft Dice + w · mean BCE + w_a · mean anatomy loss) over the segment calls.
 
-        The anatomy loss of a call is its heads' CE + Dice + selection BCE (:meth:`_anatomy_loss`)."""
+        The anatomy loss of a call is its heads' CE + Dice + selection BCE (:meth:`_anatomy_loss`);
+        ``selections`` (calls whose vision network did not run) add λ · w_a · their mean selection BCE."""
         dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
         mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
         parts = torch.stack(anatomy).mean(0) if anatomy else None
         if parts is not None:
             mask = mask + self.config.anatomy_weight * parts.sum()
+        sel = parts[2] if parts is not None else None
+        if selections:
+            sel = torch.stack(selections).mean()
+            mask = mask + self.config.anatomy_weight * sel
         return LossOutput(ce + self.config.dice_weight * mask, ce, dice, n_tokens, len(dices),
-                          *(() if parts is None else (parts[0], parts[1], parts[2])))
+                          *(() if parts is None else (parts[0], parts[1])), **({} if sel is None else {"select": sel}))
 
     def loss(self, seq: TokenSequence, segment: bool = True, rois: re.Pattern | None = None) -> LossOutput:
         """Teacher-forced CE (code, ``<ENDSTEP>``, ``<STOP>``) + λ · (soft Dice + w · BCE) of the segment calls.
@@ -899,10 +961,12 @@ class VoxelPrompt(nn.Module):
         h = torch.cat(hidden, 1)[0]
         labels = seq.labels.to(dev)
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
-        dices, bces, anat = [], [], []
+        dices, bces, anat, sels = [], [], [], []
         if segment:
             self._mask_losses(seq, h, mods, dices, bces, rois, anat)
-        return self._total(ce, dices, bces, int((labels != IGNORE).sum()), anat)
+        else:
+            self._selection_losses(seq, h, mods, sels, rois)
+        return self._total(ce, dices, bces, int((labels != IGNORE).sum()), anat, sels)
 
 
 def _target_on(target, shape, affine) -> torch.Tensor:

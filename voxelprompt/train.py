@@ -133,6 +133,7 @@ def validate(model, examples, tok, device, segment: bool = True, rois=None) -> d
         if out.anatomy is not None:
             anats.append(float(out.anatomy))
             adices.append(float(out.anatomy_dice))
+        if out.select is not None:
             sels.append(float(out.select))
     model.train()
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
@@ -337,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = data_config_for(model.config, examples_per_subject=args.examples_per_subject,
                                max_acquisitions=args.max_acquisitions, rich_max_acquisitions=args.max_acquisitions,
                                recovery_prob=args.recovery_prob,
-                               anatomy_targets=bool(model.config.vision.anatomy_classes) and (
-                                   args.stage == "vision" or args.vision_prob > 0),
+                               anatomy_targets=bool(model.config.vision.anatomy_classes),
                                **({"resolution": args.data_resolution} if args.data_resolution else {}))
     (out / "run.json").write_text(json.dumps({"model": model.config.to_dict(), "data": asdict(data_cfg),
                                               "params": model.num_parameters(), "args": vars(args)}, indent=2))
@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                     if o.anatomy is not None:
                         anats.append(float(o.anatomy.detach()))
                         adices.append(float(o.anatomy_dice.detach()))
+                    if o.select is not None:
                         sels.append(float(o.select.detach()))
                 while args.stage == "joint" and n_ok < args.accum:
                     ex = next(stream)
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                     if o.anatomy is not None:
                         anats.append(float(o.anatomy.detach()))
                         adices.append(float(o.anatomy_dice.detach()))
+                    if o.select is not None:
                         sels.append(float(o.select.detach()))
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
                 opt.step()
