@@ -147,6 +147,21 @@ def test_run_example_with_oracle_like_model_matches(run):
     assert summary["recovered_after_error"] == 0.5 and summary["recovered_n"] == 2
 
 
+def test_generated_code_cannot_break_voxel_lib_for_later_examples():
+    """Evaluation runs generated code in-process with ``vl`` in reach: what a program rebinds or
+    adds in voxel_lib (or its submodules) is undone after the example."""
+    import sys
+
+    import voxel_lib
+    vmod = sys.modules["voxel_lib.volume"]          # (voxel_lib.volume the attribute is a function)
+    volume, Volume = voxel_lib.volume, vmod.Volume
+    ns = {"vl": voxel_lib}
+    with evaluate._modules_restored(voxel_lib):
+        exec("vl.volume = {'mL': 1}\nvl.stray = 3\nimport sys\nsys.modules['voxel_lib.volume'].Volume = None", ns)
+        assert isinstance(voxel_lib.volume, dict) and vmod.Volume is None
+    assert voxel_lib.volume is volume and vmod.Volume is Volume and not hasattr(voxel_lib, "stray")
+
+
 def test_cli_dispatch(run, tmp_path, capsys):
     from voxelprompt.cli import main
     out = tmp_path / "res.json"

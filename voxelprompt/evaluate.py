@@ -107,15 +107,46 @@ def norm_code(code: str) -> str:
     return " ".join(code.split())
 
 
+@contextlib.contextmanager
+def _modules_restored(package):
+    """Restores the attributes of ``package`` and its loaded submodules on exit.
+
+    Generated code runs in-process here and sees ``vl``: a step such as ``vl.volume = {...}`` would
+    otherwise change voxel_lib for the rest of the evaluation (the task generators included),
+    and every later example would be scored against a broken library.
+    """
+    name = package.__name__
+    mods = [m for k, m in list(sys.modules.items()) if m is not None and (k == name or k.startswith(name + "."))]
+    saved = [(m, dict(vars(m))) for m in mods]
+    try:
+        yield
+    finally:
+        for m, d in saved:
+            cur = vars(m)
+            for k in [k for k in cur if k not in d]:
+                del cur[k]
+            cur.update(d)
+
+
 @torch.no_grad()
 def run_example(model, tok, example, max_steps: int = 8, max_tokens: int = 400) -> dict:
-    """Generates and executes a program for ``example``; returns the program, report and call masks."""
+    """Generates and executes a program for ``example``; returns the program, report and call masks.
+
+    The program gets copies of the input volumes and cannot change ``voxel_lib`` for later examples.
+    """
+    import voxel_lib
+    with _modules_restored(voxel_lib):
+        return _run_example(model, tok, example, max_steps, max_tokens)
+
+
+def _run_example(model, tok, example, max_steps: int, max_tokens: int) -> dict:
     from task_templates.api import Runtime, strip_mod
 
     from .sequence import header_ids, output_ids
 
     backend = LiveBackend(model)
-    vols = {v.name: (v.volume, v.session) for v in example.volumes if v.volume is not None}
+    vols = {v.name: (v.volume.new(v.volume.tensor.clone()), v.session)
+            for v in example.volumes if v.volume is not None}
     rt = Runtime(backend, vols)
     ns = rt.namespace()
     state = model.lm.start()
