@@ -87,13 +87,16 @@ def test_init_from_weights_starts_a_fresh_run(run, tmp_path):
 
 
 def test_lm_stage_trains_the_language_model_only(run, tmp_path):
-    """--stage lm: batched CE steps; the vision network is untouched, the language model moves."""
+    """--stage lm: batched CE steps (+ the selection term); the vision network does not run, so only
+    its φ → class selector moves with the language model."""
     out = tmp_path / "lm"
     w0, w1 = _stage_from(run, out, "--stage", "lm", "--batch", "3", "--max-steps", "2")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision."))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("vision.") and not k.startswith("vision.select."))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("lm."))
+    assert not torch.equal(w0["vision.select.weight"], w1["vision.select.weight"])
     tr = [r for r in _records(out) if r["kind"] == "train"]
     assert [r["step"] for r in tr] == [1, 2] and all(r["dice_loss"] is None for r in tr)
+    assert all(r["anatomy_ce"] is None for r in tr) and any(r["select_bce"] for r in tr)
     assert [r["examples"] for r in tr] == [3, 6]
 
 
