@@ -553,6 +553,58 @@ def test_anatomy_loss_teaches_the_selection_the_classes_a_target_covers(tok):
     assert float(o.select) < 0.5 * float(out.select)
 
 
+def test_selection_loss_averages_over_the_calls_with_anatomy_truth_only(tok):
+    """A call without selection truth adds nothing to the selection term (not a zero to its mean):
+    the same batch with and without such sequences has the same ``select`` — one without anatomy,
+    and one whose heads are scored but whose call has no selection targets."""
+    m = _model(tok)
+    ex = _example()
+    t1 = ex.volumes[0].volume
+    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
+    lab[0, :6], lab[0, 6:] = 1, 2
+    lab[0][ex.vision_calls[0].targets[0].tensor[0].bool()] = 3
+    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    seq, bare, heads_only = (build_sequence(e, tok) for e in (ex, _example(), ex))
+    targets = m.selection_targets
+    m.selection_targets = lambda s, call: {} if s is heads_only else targets(s, call)
+    with torch.no_grad():
+        alone, mixed = m.vision_loss([seq]), m.vision_loss([seq, bare, heads_only])
+    assert mixed.n_masks == 3 * alone.n_masks
+    assert float(alone.select) > 0 and float(alone.anatomy) > 0
+    assert abs(float(mixed.select) - float(alone.select)) < 1e-6
+
+
+def test_selection_that_cannot_tell_calls_apart_settles_at_the_class_frequency(tok):
+    """Ten calls each want a different one of ten present classes, and φ is the same for all (the
+    selector can only learn its bias): each class's σ settles near its frequency, 1/10, not at
+    ½ as a class-balanced BCE would put it — unwanted classes must stay low, since the selected
+    classes are or'ed over every partition into the mask."""
+    m = _model(tok)
+    sizes = list(m.vision.cfg.anatomy_classes)
+    n = 10
+    present = torch.zeros(sizes[0], dtype=torch.bool)
+    present[1:n + 1] = True
+    rest = [(torch.zeros(k, dtype=torch.bool), torch.zeros(k, dtype=torch.bool)) for k in sizes[1:]]
+    targets = []
+    for c in range(1, n + 1):
+        want = torch.zeros(sizes[0], dtype=torch.bool)
+        want[c] = True
+        targets.append({0: [(want, present), *rest]})
+    phi = torch.zeros(1, m.vision.select.in_features)
+    opt = torch.optim.Adam([m.vision.select.bias], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = 0
+        for t in targets:
+            m.selection_targets = lambda seq, call, t=t: t
+            loss = loss + m._selection_loss(None, None, phi, [0])
+        loss.backward()
+        opt.step()
+    sigma = torch.sigmoid(m.vision.select.bias[1:n + 1].detach())
+    assert float((sigma - 1 / n).abs().max()) < 0.03, sigma
+    assert float(torch.sigmoid(m.vision.select.bias[0])) < 0.05          # absent: not scored, stays low
+
+
 def test_lm_stage_teaches_the_language_model_the_selection(tok):
     """Without running the vision network, the lm stage's loss has the selection term, and its
     gradient reaches the language model's body (the target must get into φ) and the selector."""

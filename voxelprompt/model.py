@@ -728,7 +728,7 @@ class VoxelPrompt(nn.Module):
         dices, bces, anat, sels = [], [], [], []
         for i, s in enumerate(seqs):
             if segment:
-                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
+                self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat, sels)
             else:
                 self._selection_losses(s, h[i], s.mod_positions.to(dev), sels, rois)
         return self._total(ce, dices, bces, int(keep.sum()), anat, sels)
@@ -744,15 +744,16 @@ class VoxelPrompt(nn.Module):
         ids, _ = self._padded(seqs)
         with torch.no_grad():
             h = self.lm(self.lm.embed(ids))
-        dices, bces, anat = [], [], []
+        dices, bces, anat, sels = [], [], [], []
         for i, s in enumerate(seqs):
-            self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat)
-        out = self._total(h.new_zeros(()), dices, bces, 0, anat)
+            self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat, sels)
+        out = self._total(h.new_zeros(()), dices, bces, 0, anat, sels)
         out.total = out.total / max(self.config.dice_weight, 1e-12)     # λ · mask → mask
         return out
 
     def segment_predictions(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
-                            rois: re.Pattern | None = None, anatomy: list | None = None):
+                            rois: re.Pattern | None = None, anatomy: list | None = None,
+                            selections: list | None = None):
         """Yields ``(call, predicted probabilities, truth)`` per session target of ``seq`` 's segment calls.
 
         φ is read from the hidden states ``h`` ``(L, b)`` at the call's ``<MOD>`` s (``mods``: the
@@ -760,7 +761,8 @@ class VoxelPrompt(nn.Module):
         ``rois`` keeps only the calls whose ROI it matches. With a list ``anatomy``, a network
         with anatomy heads and a sequence that carries its subject's anatomy
         (``TokenSequence.anatomy``), each call appends the heads' losses on its volumes
-        (``(CE, Dice, selection)``, :meth:`_anatomy_loss`).
+        (``(CE, Dice)``, :meth:`_anatomy_loss`); with a list ``selections``, the BCE of φ's class
+        selection (:meth:`_selection_loss`) of each call whose volumes have anatomy truth.
         """
         heads = anatomy is not None and self.vision.anatomy is not None and bool(seq.anatomy)
         for call in seq.calls:
@@ -768,10 +770,14 @@ class VoxelPrompt(nn.Module):
                 continue
             vols, sessions = self._call_inputs(seq, call)
             phi = self.lm.phi_head(h[mods[call.mods]])
+            if selections is not None and self.vision.select is not None and seq.anatomy:
+                sel = self._selection_loss(seq, call, phi, sessions)
+                if sel is not None:
+                    selections.append(sel)
             masks = self.vision(vols, phi, anatomy=heads)
             if heads:
                 masks, logits = masks
-                parts = self._anatomy_loss(seq, logits, sessions, call, phi)
+                parts = self._anatomy_loss(seq, logits, sessions)
                 if parts is not None:
                     anatomy.append(parts)
             merged = merge_sessions(masks, [v.shape for v in vols],
@@ -782,9 +788,9 @@ class VoxelPrompt(nn.Module):
             for (pred, (shape, aff)), tgt in zip(merged, call.targets):
                 yield call, pred, _target_on(tgt, shape, aff).to(pred)
 
-    def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int], call=None,
-                      phi: torch.Tensor | None = None) -> torch.Tensor:
-        """The anatomy heads' losses over a call's volumes and partitions: ``(CE, Dice, selection)``.
+    def _anatomy_loss(self, seq: TokenSequence, logits: list, sessions: Sequence[int]) -> torch.Tensor | None:
+        """The anatomy heads' losses over a call's volumes and partitions: ``(CE, Dice)``, or None
+        when none of the volumes has anatomy truth.
 
         ``logits``: :meth:`VisionNet.forward` 's per-volume ``(log-probability maps, shape, affine)``;
         each volume's session anatomy is resampled (nearest) onto its working grid once per sequence.
@@ -795,11 +801,8 @@ class VoxelPrompt(nn.Module):
         * Dice: soft-Dice loss averaged over the foreground classes present, each class counting
           alike however small (SynthSeg's loss; CE alone lets the heads settle on the few large
           classes).
-        * selection: with the ``call`` and its ``phi``, a class-balanced BCE that teaches φ's
-          selection (:meth:`VisionNet._union`) the classes the call's truth covers: a class present
-          in the volume is wanted when over half its voxels lie in the target, else not (classes
-          absent from the volume are not scored). Without it the selection only learns through the
-          mask loss, and settles on one selection for every prompt.
+
+        φ's class selection has its own loss, :meth:`_selection_loss`.
         """
         from .anatomy_classes import IGNORE as ANAT_IGNORE
         from .anatomy_classes import class_weights
@@ -831,10 +834,8 @@ class VoxelPrompt(nn.Module):
                     dices.append(1 - ((2 * inter[fg] + 1) / (prob.sum(0)[fg] + count[fg] + 1)).mean())
         if not ces:
             return None
-        zero = logits[0][0][0].new_zeros(())
-        sel = self._selection_loss(seq, call, phi, sessions) if call is not None and phi is not None else None
-        return torch.stack([torch.stack(ces).mean(), torch.stack(dices).mean() if dices else zero,
-                            zero if sel is None else sel.to(zero)])
+        ce = torch.stack(ces).mean()
+        return torch.stack([ce, torch.stack(dices).mean() if dices else ce.new_zeros(())])
 
     def selection_targets(self, seq: TokenSequence, call) -> dict:
         """φ's selection targets of a segment call: ``{session: [(wanted, present), ...]}``, one pair of
@@ -868,9 +869,20 @@ class VoxelPrompt(nn.Module):
         return out
 
     def _selection_loss(self, seq: TokenSequence, call, phi: torch.Tensor, sessions: Sequence[int]):
-        """Class-balanced BCE of φ's selection (:meth:`VisionNet._union`) against
-        :meth:`selection_targets`, over the present classes of each partition and the call's
-        volumes (``phi``: one row per volume); None when the call has no anatomy truth."""
+        """BCE of φ's selection (:meth:`VisionNet._union`) against :meth:`selection_targets`, over
+        the present classes of each partition and the call's volumes (``phi``: one row per volume);
+        None when the call has no anatomy truth.
+
+        It teaches the selection the classes the call's truth covers: a class present in the volume
+        is wanted when over half its voxels lie in the target, else not (classes absent from the
+        volume are not scored). Without it the selection only learns through the mask loss, and
+        settles on one selection for every prompt.
+
+        Every present class weighs alike, wanted or not, and the sum is divided by the number of
+        wanted classes (at least 1): the gradient on a wanted class is that of a balanced BCE, but
+        the unwanted ones are not discounted ~100:1, so a selection that cannot yet tell a class
+        apart settles at its frequency (σ ≈ 0.01) rather than at σ ≈ 0.25 — with a balanced BCE the
+        or over five partitions then put every voxel above threshold (session 6, docs/model.md)."""
         targets = self.selection_targets(seq, call)
         losses = []
         for v, s in enumerate(sessions):
@@ -880,7 +892,9 @@ class VoxelPrompt(nn.Module):
             for lg, (want, present) in zip(logits, targets[s]):
                 present = present.to(lg.device)
                 if present.any():
-                    losses.append(balanced_bce(torch.sigmoid(lg[present]), want.to(lg)[present]))
+                    y = want.to(lg)[present]
+                    bce = F.binary_cross_entropy_with_logits(lg[present], y, reduction="sum")
+                    losses.append(bce / y.sum().clamp_min(1))
         return torch.stack(losses).mean() if losses else None
 
     def _selection_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor, out: list,
@@ -900,25 +914,26 @@ class VoxelPrompt(nn.Module):
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
                      dices: list, bces: list, rois: re.Pattern | None = None,
-                     anatomy: list | None = None) -> None:
+                     anatomy: list | None = None, selections: list | None = None) -> None:
         """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``
-        (and the anatomy heads' cross-entropy to ``anatomy``)."""
-        for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy):
+        (and the anatomy heads' losses to ``anatomy``, the selection's to ``selections``)."""
+        for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy, selections):
             dices.append(soft_dice_loss(pred, t))
             bces.append(balanced_bce(pred, t))
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int,
                anatomy: list | None = None, selections: list | None = None) -> LossOutput:
-        """CE + λ · (mean soft Dice + w · mean BCE + w_a · mean anatomy loss) over the segment calls.
+        """CE + λ · (mean soft Dice + w · mean BCE + w_a · (mean anatomy loss + mean selection BCE)).
 
-        The anatomy loss of a call is its heads' CE + Dice + selection BCE (:meth:`_anatomy_loss`);
-        ``selections`` (calls whose vision network did not run) add λ · w_a · their mean selection BCE."""
+        The anatomy loss of a call is its heads' CE + Dice (:meth:`_anatomy_loss`); ``selections``
+        holds the selection BCE of each call with anatomy truth (:meth:`_selection_loss`), whether
+        its vision network ran or not."""
         dice = torch.stack(dices).mean() if dices else ce.new_zeros(())
         mask = dice + self.config.bce_weight * torch.stack(bces).mean() if bces else dice
         parts = torch.stack(anatomy).mean(0) if anatomy else None
         if parts is not None:
             mask = mask + self.config.anatomy_weight * parts.sum()
-        sel = parts[2] if parts is not None else None
+        sel = None
         if selections:
             sel = torch.stack(selections).mean()
             mask = mask + self.config.anatomy_weight * sel
@@ -963,7 +978,7 @@ class VoxelPrompt(nn.Module):
         ce = F.cross_entropy(self.lm.head(h), labels, ignore_index=IGNORE)
         dices, bces, anat, sels = [], [], [], []
         if segment:
-            self._mask_losses(seq, h, mods, dices, bces, rois, anat)
+            self._mask_losses(seq, h, mods, dices, bces, rois, anat, sels)
         else:
             self._selection_losses(seq, h, mods, sels, rois)
         return self._total(ce, dices, bces, int((labels != IGNORE).sum()), anat, sels)
