@@ -56,6 +56,21 @@ def test_calibrate_writes_the_threshold_that_every_loader_reads(tmp_path, monkey
     assert load_vision(staged).cfg.mask_threshold == 0.45
 
 
+def test_calibrate_scores_each_mask_source_alone():
+    """``sources=True``: the free channel and the selected classes, each at its own best threshold;
+    the network is left making union masks."""
+    torch.manual_seed(0)
+    model = VoxelPrompt(get_config("tiny", vocab_size=3000))
+    res = cal.calibrate(model, n_subjects=1, resolution=4.0, sources=True)
+    assert set(res["sources"]) == {"free", "selection"}
+    for r in res["sources"].values():
+        assert r["threshold"] in cal.GRID and 0 <= r["score"] <= 1
+        assert (r["n_present"], r["n_absent"]) == (res["best"]["n_present"], res["best"]["n_absent"])  # same calls
+    assert model.vision.mask_source == "union"
+    # a fresh selector (bias −4) selects almost nothing: alone it scores no better than the union
+    assert res["sources"]["selection"]["score"] <= res["best"]["score"] + 1e-9
+
+
 def test_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     path = save_model(VoxelPrompt(get_config("tiny", vocab_size=3000)), tmp_path / "m.safetensors")

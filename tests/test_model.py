@@ -462,6 +462,29 @@ def test_grow_anatomy_keeps_the_trained_partitions(tok):
         net.grow_anatomy((3, 4))
 
 
+def test_mask_source_gives_each_part_of_the_mask_alone(tok):
+    """``mask_source``: the union is 1 − (1 − free)(1 − selected); "free" and "selection" give the
+    parts; anything else is refused."""
+    m = _model(tok).eval()
+    net = m.vision
+    with torch.no_grad():
+        net.select.bias.fill_(0.0)                  # select something, so both parts are non-trivial
+        v = _vol((10, 9, 8), (2.0, 2.0, 2.0), seed=3)
+        phi = torch.randn(1, m.config.lm.phi_dim)
+        parts = {}
+        for src in ("union", "free", "selection"):
+            net.mask_source = src
+            (parts[src],) = net([v], phi)
+    net.mask_source = "union"
+    free, sel, union = parts["free"], parts["selection"], parts["union"]
+    assert float(free.max()) > 0.01 and float(sel.max()) > 0.01
+    assert torch.allclose(union, 1 - (1 - free) * (1 - sel), atol=1e-5)
+    assert not torch.allclose(union, free) and not torch.allclose(union, sel)
+    net.mask_source = "lesions"
+    with pytest.raises(ValueError, match="mask_source 'lesions'"):
+        net([v], phi)
+
+
 def test_anatomy_heads_mask_is_the_selected_classes(tok):
     """A mask is the free head or'ed with the φ-selected anatomy classes; the heads' log-probabilities
     come back with anatomy=True."""

@@ -13,7 +13,11 @@ the agent, the kernel and every evaluation read it from there.
 
 Usage::
 
-    voxelprompt eval threshold --checkpoint RUN/ckpt/model.safetensors [--subjects 8] [--write]
+    voxelprompt eval threshold --checkpoint RUN/ckpt/model.safetensors [--subjects 8] [--write] [--sources]
+
+``--sources`` also scores each part of a mask alone (``VisionNet.mask_source``: the free channel,
+the φ-selected anatomy classes), each at its own best threshold: which part a mask's Dice comes
+from, and whether the other only adds false positives. It does not change what ``--write`` stores.
 """
 
 from __future__ import annotations
@@ -78,10 +82,13 @@ def score(calls, threshold: float) -> dict:
             "dice_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())}}
 
 
-def calibrate(model, n_subjects: int = 8, grid=GRID, resolution: float | None = None) -> dict:
+def calibrate(model, n_subjects: int = 8, grid=GRID, resolution: float | None = None,
+              sources: bool = False) -> dict:
     """The threshold on ``grid`` with the best validation score, and the whole table.
 
     ``resolution``: the synthesis grid (default: the model's working-resolution floor).
+    ``sources``: also each mask part alone at its best threshold (``result["sources"]``:
+    ``{"free": row, "selection": row}``, rows as in the table; needs anatomy heads).
     """
     t0 = time.time()
     calls = collect(model, n_subjects, resolution=resolution)
@@ -89,9 +96,22 @@ def calibrate(model, n_subjects: int = 8, grid=GRID, resolution: float | None = 
         raise ValueError("no segment calls in the calibration subjects")
     table = [score(calls, t) for t in grid]
     best = max(table, key=lambda r: (r["score"], -abs(r["threshold"] - 0.5)))   # ties: nearest 0.5
-    return {"threshold": best["threshold"], "best": best, "at_0.5": score(calls, 0.5), "table": table,
-            "subjects": n_subjects, "seed_base": CALIBRATION_SEED_BASE, "calls": len(calls),
-            "wall_s": round(time.time() - t0, 1)}
+    out = {"threshold": best["threshold"], "best": best, "at_0.5": score(calls, 0.5), "table": table,
+           "subjects": n_subjects, "seed_base": CALIBRATION_SEED_BASE, "calls": len(calls)}
+    if sources:
+        if model.vision.anatomy is None:
+            raise ValueError("--sources needs a vision network with anatomy heads (a mask is the free channel alone)")
+        out["sources"] = {}
+        try:
+            for src in ("free", "selection"):
+                model.vision.mask_source = src
+                part = collect(model, n_subjects, resolution=resolution)
+                out["sources"][src] = max((score(part, t) for t in grid),
+                                          key=lambda r: (r["score"], -abs(r["threshold"] - 0.5)))
+        finally:
+            model.vision.mask_source = "union"
+    out["wall_s"] = round(time.time() - t0, 1)
+    return out
 
 
 def write_threshold(weights: str | Path, result: dict) -> Path:
@@ -116,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="a .safetensors file (its .json is updated with --write)")
     p.add_argument("--subjects", type=int, default=8, help="validation subjects (8 examples each)")
     p.add_argument("--write", action="store_true", help="store the chosen threshold in the checkpoint's JSON")
+    p.add_argument("--sources", action="store_true",
+                   help="also score the free channel and the selected anatomy classes alone")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -127,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    res = calibrate(model, args.subjects)
+    try:
+        res = calibrate(model, args.subjects, sources=args.sources)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.write:
         res["written_to"] = str(write_threshold(args.checkpoint, res))
     if args.json:
@@ -142,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         mark = "  <- chosen" if r["threshold"] == res["threshold"] else ""
         print(f"  {r['threshold']:9.2f} {r['score']:6.3f} {f(r['dice'], 6)} "
               + " ".join(f(r["dice_by_kind"].get(k), 8) for k in kinds) + f" {f(r['empty_when_absent'], 12)}{mark}")
+    for src, r in res.get("sources", {}).items():
+        print(f"  {src + ' alone':>15s}: score {r['score']:.3f} at threshold {r['threshold']:.2f} ("
+              + ", ".join(f"{k} {f(v, 0)}" for k, v in r["dice_by_kind"].items())
+              + f"; empty|absent {f(r['empty_when_absent'], 0)})")
     if args.write:
         print(f"written to {res['written_to']}")
     return 0

@@ -374,6 +374,11 @@ class VisionNet(nn.Module):
             self.anatomy = nn.Linear(c[0], sum(cfg.anatomy_classes))
             self.select = nn.Linear(cond_dim, sum(cfg.anatomy_classes))
             nn.init.constant_(self.select.bias, -4.0)   # selects nothing at first: the free head alone
+        self.mask_source = "union"
+
+    #: what a mask is made of (:meth:`_union`): both parts, or one alone (to diagnose which one
+    #: scores; ``voxelprompt eval threshold --sources``). An inference setting, not saved.
+    MASK_SOURCES = ("union", "free", "selection")
 
     @property
     def device(self) -> torch.device:
@@ -424,9 +429,14 @@ class VisionNet(nn.Module):
 
     def _union(self, prob: torch.Tensor, logp: list, phi: torch.Tensor) -> torch.Tensor:
         """The free mask ``prob`` (1, 1, X, Y, Z) or'ed with the φ-selected anatomy classes
-        (``logp``: one ``(voxels, K)`` log-probability map per partition)."""
+        (``logp``: one ``(voxels, K)`` log-probability map per partition); with
+        ``mask_source`` ``"free"`` or ``"selection"``, that part alone."""
+        if self.mask_source not in self.MASK_SOURCES:
+            raise ValueError(f"mask_source {self.mask_source!r}: expected one of {self.MASK_SOURCES}")
+        if self.mask_source == "free":
+            return prob
         sel = torch.sigmoid(self.select(phi.to(prob))).split(list(self.cfg.anatomy_classes))
-        keep = 1 - prob.reshape(-1)
+        keep = 1 - prob.reshape(-1) if self.mask_source == "union" else torch.ones_like(prob.reshape(-1))
         for lp, s in zip(logp, sel):
             keep = keep * (1 - (lp.exp() @ s).clamp(0, 1))
         return (1 - keep).reshape(prob.shape)
