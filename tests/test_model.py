@@ -62,6 +62,18 @@ def tok(tmp_path_factory):
     return Tokenizer(path)
 
 
+def _example_with_anatomy() -> Example:
+    """``_example()`` with anatomy truth: classes 1 and 2 split the grid, class 3 is the first
+    segment call's target."""
+    ex = _example()
+    t1 = ex.volumes[0].volume
+    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
+    lab[0, :6], lab[0, 6:] = 1, 2
+    lab[0][ex.vision_calls[0].targets[0].tensor[0].bool()] = 3
+    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    return ex
+
+
 def _model(tok, seed=0, **vision):
     torch.manual_seed(seed)
     cfg = get_config("tiny", vocab_size=tok.vocab_size)
@@ -581,12 +593,7 @@ def test_selection_loss_averages_over_the_calls_with_anatomy_truth_only(tok):
     the same batch with and without such sequences has the same ``select`` — one without anatomy,
     and one whose heads are scored but whose call has no selection targets."""
     m = _model(tok)
-    ex = _example()
-    t1 = ex.volumes[0].volume
-    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
-    lab[0, :6], lab[0, 6:] = 1, 2
-    lab[0][ex.vision_calls[0].targets[0].tensor[0].bool()] = 3
-    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    ex = _example_with_anatomy()
     seq, bare, heads_only = (build_sequence(e, tok) for e in (ex, _example(), ex))
     targets = m.selection_targets
     m.selection_targets = lambda s, call: {} if s is heads_only else targets(s, call)
@@ -632,12 +639,7 @@ def test_lm_stage_teaches_the_language_model_the_selection(tok):
     """Without running the vision network, the lm stage's loss has the selection term, and its
     gradient reaches the language model's body (the target must get into φ) and the selector."""
     m = _model(tok)
-    ex = _example()
-    t1 = ex.volumes[0].volume
-    lab = torch.zeros((3, *t1.shape), dtype=torch.uint8)
-    lab[0, :6], lab[0, 6:] = 1, 2
-    lab[0][ex.vision_calls[0].targets[0].tensor[0].bool()] = 3
-    ex.anatomy = {0: vl.Volume(lab, t1.affine, "label")}
+    ex = _example_with_anatomy()
     seq = build_sequence(ex, tok)
     (want, present), *_ = m.selection_targets(seq, seq.calls[0])[0]
     assert want[:4].tolist() == [False, False, False, True]
