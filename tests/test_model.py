@@ -373,6 +373,47 @@ def test_balanced_bce_weighs_a_small_target_like_the_background():
     assert abs(float(g[0])) == pytest.approx(float(g[1:].abs().sum()), rel=0.05)
 
 
+def test_capped_bce_does_not_light_up_an_undecided_region():
+    """The network has the background of a 50,000-voxel grid right (p ≈ 0) but cannot tell a
+    100-voxel target from the 5,000-voxel region around it (2 % target). The best constant output
+    over that region is ~0.9 with the fully balanced BCE (the over-segmentation of session 7) and
+    below 0.5 when a target voxel weighs at most 10 background voxels; ratio 1 is the voxel-mean BCE."""
+    import torch.nn.functional as F
+    from voxelprompt.model import balanced_bce
+    t = torch.zeros(50000)
+    t[:100] = 1
+    ps = torch.linspace(0.01, 0.99, 99)
+
+    def best(**kw):
+        def pred(p):
+            x = torch.full_like(t, 1e-4)
+            x[:5000] = p
+            return x
+        return float(ps[int(torch.stack([balanced_bce(pred(float(p)), t, **kw) for p in ps]).argmin())])
+
+    w = 49900 / 100                                   # |bg| / |fg|: p* = w·f / (w·f + 1 − f)
+    assert best() == pytest.approx(w * 0.02 / (w * 0.02 + 0.98), abs=0.01)        # ≈ 0.91
+    assert best(max_ratio=10) == pytest.approx(10 * 0.02 / (10 * 0.02 + 0.98), abs=0.01) # ≈ 0.17
+    pred = torch.rand(50000)
+    assert float(balanced_bce(pred, t, max_ratio=1)) == pytest.approx(float(F.binary_cross_entropy(pred, t)), rel=1e-4)
+    # a cap above |bg| / |fg| changes nothing: the balanced form
+    assert float(balanced_bce(pred, t, max_ratio=1000)) == pytest.approx(float(balanced_bce(pred, t)), rel=1e-5)
+    # an empty target: the background mean, whatever the cap
+    assert float(balanced_bce(pred, torch.zeros(50000), max_ratio=10)) == pytest.approx(
+        float(F.binary_cross_entropy(pred, torch.zeros(50000))), rel=1e-4)
+
+
+def test_bce_max_ratio_round_trips_and_defaults_for_older_checkpoints():
+    from voxelprompt.configs import CONFIGS, ModelConfig
+    cfg = CONFIGS["cpu"]
+    assert cfg.bce_max_ratio == 10.0
+    d = cfg.to_dict()
+    assert ModelConfig.from_dict(d) == cfg
+    assert ModelConfig.from_dict({**d, "bce_max_ratio": None}).bce_max_ratio is None
+    d.pop("bce_max_ratio")                            # a checkpoint saved before the field existed
+    assert ModelConfig.from_dict(d).bce_max_ratio == 10.0
+
+
 def test_batched_segment_loss_matches_the_sequential_one(tok):
     """lm_loss(segment=True): each segment call's mask loss, with φ from the batched pass, is the
     one :meth:`loss` computes for the sequence alone (here no ε precedes the call), and the

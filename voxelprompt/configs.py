@@ -63,6 +63,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     dice_weight: float = 0.1      # λ (seeds/004 A.4)
     bce_weight: float = 1.0       # mask loss = soft Dice + this x class-balanced BCE (model.balanced_bce)
+    bce_max_ratio: float | None = 10.0   # in that BCE a target voxel weighs at most this many background
+    #   voxels (None: fully balanced, stages up to sel-v15; it over-segments, docs/model.md)
     anatomy_weight: float = 1.0   # + this x the anatomy heads' cross-entropy (when the network has them)
 
     def to_dict(self) -> dict:
@@ -77,7 +79,8 @@ class ModelConfig:
         v["anatomy_classes"] = tuple(v.get("anatomy_classes", ()))
         return cls(name=d.get("name", "custom"), lm=LMConfig(**d["lm"]), vision=VisionConfig(**v),
                    dice_weight=d.get("dice_weight", 0.1),
-                   bce_weight=d.get("bce_weight", 1.0), anatomy_weight=d.get("anatomy_weight", 1.0))
+                   bce_weight=d.get("bce_weight", 1.0),
+                   bce_max_ratio=d.get("bce_max_ratio", cls.bce_max_ratio), anatomy_weight=d.get("anatomy_weight", 1.0))
 
 
 CONFIGS: dict[str, ModelConfig] = {

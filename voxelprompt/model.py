@@ -632,8 +632,10 @@ def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
 
 
-def balanced_bce(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Class-balanced binary cross-entropy: ½ · mean over the target + ½ · mean over the background.
+def balanced_bce(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3,
+                 max_ratio: float | None = None) -> torch.Tensor:
+    """Class-balanced binary cross-entropy: ½ · mean over the target + ½ · mean over the background,
+    a target voxel weighing at most ``max_ratio`` background voxels.
 
     The soft Dice alone gives a network trained from scratch a weak gradient that dies once the
     output saturates: on an empty target (a prompted structure that is not in the images)
@@ -643,17 +645,32 @@ def balanced_bce(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) ->
     background outweighs them ~300:1 and pushes every output to zero (measured on a fit of 30
     lesion calls: Dice 0.02–0.03 with it from weights it had saturated; 0.21, stably, with this
     from a fresh network; docs/model.md).
+
+    Fully balanced, though, it over-segments: where the network cannot yet tell the target from
+    its surroundings, a constant output over a region in which the target is a fraction f is best
+    at p* = w·f / (w·f + 1 − f), w the weight of a target voxel relative to a background one
+    (``|background| / |target|``, ~100–300 here). p* passes 0.5 as soon as f > 1 / (1 + w): an
+    undecided output lights up every region that holds ~1 % target (session 7: the free channel
+    above threshold on 14–26 % of the grid for every call). ``max_ratio`` caps w
+    (``ModelConfig.bce_max_ratio``): the loss is
+    ``(Σ_bg −log(1 − p) + w Σ_fg −log p) / (|bg| + w·|fg|)`` with ``w = min(|bg| / |fg|, max_ratio)``
+    — the balanced form when uncapped, the voxel mean at ``max_ratio`` 1.
     A soft target weights each voxel by ``t`` and ``1 − t``; an empty target has the background
     term alone.
     """
     p = pred.clamp(1e-6, 1 - 1e-6)
     t = target.to(p.dtype)
     fg, bg = t.sum(), (1 - t).sum()
-    loss_bg = -((1 - t) * torch.log1p(-p)).sum() / bg.clamp_min(eps)
+    sum_bg = -((1 - t) * torch.log1p(-p)).sum()
     if float(fg) < eps:
-        return loss_bg
-    loss_fg = -(t * torch.log(p)).sum() / fg
-    return 0.5 * loss_fg + 0.5 * loss_bg if float(bg) >= eps else loss_fg
+        return sum_bg / bg.clamp_min(eps)
+    sum_fg = -(t * torch.log(p)).sum()
+    if float(bg) < eps:
+        return sum_fg / fg
+    w = bg / fg
+    if max_ratio is not None and max_ratio > 0:
+        w = w.clamp(max=float(max_ratio))
+    return (sum_bg + w * sum_fg) / (bg + w * fg)
 
 
 # ================================================================================= joint model
@@ -929,7 +946,7 @@ class VoxelPrompt(nn.Module):
         (and the anatomy heads' losses to ``anatomy``, the selection's to ``selections``)."""
         for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy, selections):
             dices.append(soft_dice_loss(pred, t))
-            bces.append(balanced_bce(pred, t))
+            bces.append(balanced_bce(pred, t, max_ratio=self.config.bce_max_ratio))
 
     def _total(self, ce: torch.Tensor, dices: list, bces: list, n_tokens: int,
                anatomy: list | None = None, selections: list | None = None) -> LossOutput:

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     vision_init.add_argument("--grow-heads", action="store_true",
                    help="with --init: keep the trained vision network and extend its anatomy heads to --config's "
                         "partitions (the trained ones must be a prefix), e.g. to add the lesion partitions")
+    p.add_argument("--bce-max-ratio", type=float, default=None, metavar="R",
+                   help="mask BCE: a target voxel weighs at most R background voxels (ModelConfig.bce_max_ratio; "
+                        "0 = fully balanced; default: the config's or the loaded weights')")
     p.add_argument("--max-hours", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -305,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = VoxelPrompt(cfg).to(device).train()
         st = None
+    if args.bce_max_ratio is not None:
+        if args.bce_max_ratio < 0:
+            print(f"error: --bce-max-ratio {args.bce_max_ratio}: expected ≥ 0 (0 = fully balanced)", file=sys.stderr)
+            return 2
+        model.config = replace(model.config, bce_max_ratio=args.bce_max_ratio or None)
     if model.config.lm.vocab_size < tok.vocab_size:
         print(f"error: model vocabulary {model.config.lm.vocab_size} < tokenizer's {tok.vocab_size}", file=sys.stderr)
         return 2
