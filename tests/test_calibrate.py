@@ -29,6 +29,9 @@ def test_score_counts_dice_and_empty_absent_masks():
     assert hi["dice"] < 0.3 and lo["empty_when_absent"] == 0.0
     assert mid["score"] > max(hi["score"], lo["score"])
     assert mid["n_present"] == 1 and mid["n_absent"] == 1
+    # mask volume / truth volume: ~1 at the right threshold, the whole grid over |ball| at the low one
+    assert mid["volume_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert lo["volume_ratio"] > 3 * mid["volume_ratio"] and hi["volume_ratio"] < 0.5
 
 
 def test_calibrate_writes_the_threshold_that_every_loader_reads(tmp_path, monkeypatch):

@@ -65,8 +65,11 @@ def collect(model, n_subjects: int = 8, examples_per_subject: int = 8, resolutio
 
 
 def score(calls, threshold: float) -> dict:
-    """Mean score over calls (Dice of present targets, 1/0 for empty/non-empty on absent ones)."""
-    dices, empties, by_kind = [], [], {}
+    """Mean score over calls (Dice of present targets, 1/0 for empty/non-empty on absent ones).
+
+    ``volume_ratio``: the median over present targets of mask volume / truth volume (> 1: the masks
+    over-segment, < 1: they under-segment; Dice alone does not say which)."""
+    dices, empties, by_kind, ratios = [], [], {}, []
     for p, t, absent, *kind in calls:
         m = p > threshold
         if absent or not t.any():
@@ -74,11 +77,13 @@ def score(calls, threshold: float) -> dict:
             continue
         d = float(2 * (m & t).sum() / (m.sum() + t.sum()))
         dices.append(d)
+        ratios.append(float(m.sum() / t.sum()))
         by_kind.setdefault(kind[0] if kind else "present", []).append(d)
     all_ = dices + empties
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     return {"threshold": threshold, "score": mean(all_) or 0.0, "dice": mean(dices),
-            "empty_when_absent": mean(empties), "n_present": len(dices), "n_absent": len(empties),
+            "empty_when_absent": mean(empties), "volume_ratio": float(np.median(ratios)) if ratios else None,
+            "n_present": len(dices), "n_absent": len(empties),
             "dice_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())}}
 
 
@@ -163,15 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     kinds = sorted({k for r in res["table"] for k in r["dice_by_kind"]})
     f = lambda v, w: "n/a".rjust(w) if v is None else f"{v:{w}.3f}"  # noqa: E731
     print(f"  {'threshold':>9s} {'score':>6s} {'Dice':>6s} " + " ".join(f"{k:>8s}" for k in kinds)
-          + f" {'empty|absent':>12s}")
+          + f" {'empty|absent':>12s} {'vol×':>6s}")
     for r in res["table"]:
         mark = "  <- chosen" if r["threshold"] == res["threshold"] else ""
         print(f"  {r['threshold']:9.2f} {r['score']:6.3f} {f(r['dice'], 6)} "
-              + " ".join(f(r["dice_by_kind"].get(k), 8) for k in kinds) + f" {f(r['empty_when_absent'], 12)}{mark}")
+              + " ".join(f(r["dice_by_kind"].get(k), 8) for k in kinds) + f" {f(r['empty_when_absent'], 12)} {f(r['volume_ratio'], 6)}{mark}")
     for src, r in res.get("sources", {}).items():
         print(f"  {src + ' alone':>15s}: score {r['score']:.3f} at threshold {r['threshold']:.2f} ("
               + ", ".join(f"{k} {f(v, 0)}" for k, v in r["dice_by_kind"].items())
-              + f"; empty|absent {f(r['empty_when_absent'], 0)})")
+              + f"; empty|absent {f(r['empty_when_absent'], 0)}; volume × {f(r['volume_ratio'], 0)})")
     if args.write:
         print(f"written to {res['written_to']}")
     return 0
