@@ -240,3 +240,15 @@ def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tm
         train.main(["--out", str(tmp_path / "both"), "--init", str(w), "--grow-heads", "--reinit-vision"])
     assert train.main(["--out", str(tmp_path / "bad"), "--init", str(run / "ckpt" / "model.safetensors"),
                        "--grow-heads", "--config", "paper", "--max-steps", "1", "--workers", "0", "--quiet"]) == 2
+
+
+def test_bce_max_ratio_flag_reaches_the_saved_config(run, tmp_path):
+    """--bce-max-ratio overrides the loaded weights' mask-BCE cap (0 = fully balanced) and is saved
+    with the checkpoint; a negative ratio is refused."""
+    assert checkpoint.load_model(run).config.bce_max_ratio == 10.0
+    _stage_from(run, tmp_path / "balanced", "--bce-max-ratio", "0", "--max-steps", "1")
+    assert checkpoint.load_model(tmp_path / "balanced").config.bce_max_ratio is None
+    _stage_from(run, tmp_path / "r3", "--bce-max-ratio", "3", "--max-steps", "1")
+    assert checkpoint.load_model(tmp_path / "r3").config.bce_max_ratio == 3.0
+    assert train.main(["--out", str(tmp_path / "neg"), "--init", str(run / "ckpt" / "model.safetensors"),
+                       "--bce-max-ratio", "-1", *ARGS]) == 2
