@@ -279,7 +279,7 @@ def overfit(tok):
     seq = build_sequence(_example(), tok)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     hist = []
-    for _ in range(45):
+    for _ in range(60):
         out = model.loss(seq)
         opt.zero_grad()
         out.total.backward()
