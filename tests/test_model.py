@@ -515,6 +515,44 @@ def test_grow_anatomy_keeps_the_trained_partitions(tok):
         net.grow_anatomy((3, 4))
 
 
+def test_residual_anatomy_mlp_starts_at_zero_trains_and_round_trips(tok, tmp_path):
+    """``anatomy_hidden``: growing a linear-head network a residual MLP leaves its outputs unchanged;
+    the MLP's output layer then gets a gradient from the anatomy loss, growing to more partitions
+    keeps it (new rows at zero), and saved weights load back with the MLP and its width."""
+    from voxelprompt import checkpoint
+    from voxelprompt.anatomy_classes import SIZES
+    m = _model(tok, anatomy_classes=SIZES[:3]).eval()
+    net = m.vision
+    assert net.anatomy_mlp is None
+    v = _vol((10, 9, 8), (2.0, 2.0, 2.0), seed=4)
+    phi = torch.randn(1, m.config.lm.phi_dim)
+    with torch.no_grad():
+        (mask0,), ((lp0, _, _),) = net([v], phi, anatomy=True)
+    net.grow_anatomy(SIZES[:3], hidden=12)
+    assert net.cfg.anatomy_hidden == 12 and net.anatomy_mlp[0].out_features == 12
+    (mask1,), ((lp1, _, _),) = net([v], phi, anatomy=True)
+    assert float((mask1 - mask0).detach().abs().max()) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(lp0, lp1))
+    lp1[0][:, 1].sum().backward()        # push every voxel towards class 1 of the first partition
+    assert float(net.anatomy_mlp[2].weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        net.anatomy_mlp[2].weight.normal_()     # as if trained: the MLP now changes the outputs
+        (_,), ((lp2, _, _),) = net([v], phi, anatomy=True)
+        net.grow_anatomy(SIZES)
+        (_,), ((lp3, _, _),) = net([v], phi, anatomy=True)
+    assert net.anatomy_mlp[2].out_features == sum(SIZES) and [x.shape[1] for x in lp3] == list(SIZES)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lp2, lp3[:3]))
+    assert float(net.anatomy_mlp[2].weight[sum(SIZES[:3]):].abs().max()) == 0.0
+    m.config = dataclasses.replace(m.config, vision=net.cfg)
+    w = checkpoint.save_model(m, tmp_path / "mlp" / "model.safetensors")
+    back = checkpoint.load_model(w)
+    assert back.config.vision.anatomy_hidden == 12 and back.vision.anatomy_mlp is not None
+    assert torch.allclose(back.vision.anatomy_mlp[0].weight, net.anatomy_mlp[0].weight.detach().to(back.vision.anatomy_mlp[0].weight), atol=1e-3)
+    with torch.no_grad():
+        net.grow_anatomy(SIZES, hidden=40)      # an MLP already there is kept
+    assert net.cfg.anatomy_hidden == 12
+
+
 def test_mask_source_gives_each_part_of_the_mask_alone(tok):
     """``mask_source``: the union is 1 − (1 − free)(1 − selected); "free" and "selection" give the
     parts; anything else is refused."""

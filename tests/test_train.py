@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from voxelprompt import checkpoint, evaluate, train
+from voxelprompt.configs import get_config
 
 ARGS = ["--config", "tiny", "--accum", "2", "--workers", "0", "--val-subjects", "1", "--val-every", "2",
         "--data-resolution", "3", "--examples-per-subject", "4", "--quiet", "--warmup", "1", "--lr", "1e-3"]
@@ -240,6 +241,13 @@ def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tm
         train.main(["--out", str(tmp_path / "both"), "--init", str(w), "--grow-heads", "--reinit-vision"])
     assert train.main(["--out", str(tmp_path / "bad"), "--init", str(run / "ckpt" / "model.safetensors"),
                        "--grow-heads", "--config", "paper", "--max-steps", "1", "--workers", "0", "--quiet"]) == 2
+    mlp = tmp_path / "mlp"          # the cpu config's heads have a residual MLP: growing adds it
+    assert train.main(["--out", str(mlp), "--init", str(out / "ckpt" / "model.safetensors"), "--grow-heads",
+                       "--stage", "vision", "--batch", "2", "--max-steps", "1", *ARGS, "--config", "cpu"]) == 0
+    g2 = checkpoint.load_model(mlp)
+    assert g2.config.vision.anatomy_hidden == get_config("cpu").vision.anatomy_hidden > 0
+    assert g2.vision.anatomy_mlp[2].weight.abs().max() > 0         # one step from zero
+    assert g2.config.vision.channels == g.config.vision.channels     # the trained network, not the cpu one
 
 
 def test_bce_max_ratio_flag_reaches_the_saved_config(run, tmp_path):

@@ -52,6 +52,8 @@ class VisionConfig:
     #   subjects by `voxelprompt eval threshold --write` (voxelprompt/calibrate.py)
     anatomy_classes: tuple[int, ...] = ()   # dense anatomy heads, one per partition (class counts,
     #   voxelprompt/anatomy_classes.SIZES); () = the paper's network (mask head alone)
+    anatomy_hidden: int = 0       # > 0: the heads add a residual per-voxel MLP (c[0] -> this -> classes,
+    #   SiLU) to their linear map; its output layer starts at zero (VisionNet.grow_anatomy adds one)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class ModelConfig:
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "cpu": ModelConfig(vision=VisionConfig(channels=(16, 16, 32, 32), anatomy_classes=ANATOMY_SIZES)),
+    "cpu": ModelConfig(vision=VisionConfig(channels=(16, 16, 32, 32), anatomy_classes=ANATOMY_SIZES,
+                                           anatomy_hidden=64)),
     "paper": ModelConfig(
         name="paper",
         lm=LMConfig(vocab_size=32000, hidden=512, layers=16, heads=32, intermediate=1024),

@@ -369,9 +369,11 @@ class VisionNet(nn.Module):
         self.out = nn.Conv3d(c[0], 1, 1)
         nn.init.constant_(self.out.bias, -2.0)   # prior foreground probability ≈ 0.12: masks are sparse
         self.to_eps = nn.Linear(c[-1], embed_dim)
-        self.anatomy = self.select = None
+        self.anatomy = self.anatomy_mlp = self.select = None
         if cfg.anatomy_classes:                  # dense anatomy heads + φ → classes selection
             self.anatomy = nn.Linear(c[0], sum(cfg.anatomy_classes))
+            if cfg.anatomy_hidden:
+                self.anatomy_mlp = _residual_mlp(c[0], cfg.anatomy_hidden, sum(cfg.anatomy_classes))
             self.select = nn.Linear(cond_dim, sum(cfg.anatomy_classes))
             nn.init.constant_(self.select.bias, -4.0)   # selects nothing at first: the free head alone
         self.mask_source = "union"
@@ -415,9 +417,9 @@ class VisionNet(nn.Module):
         outs, anat = [], []
         for i, xi in enumerate(x):
             prob = torch.sigmoid(self.out(xi))
-            if self.anatomy is not None:    # a 1x1x1 conv, run as a linear map on (voxels, channels)
+            if self.anatomy is not None:    # 1x1x1 convs, run as maps on (voxels, channels)
                 logp = [part.log_softmax(1) for part in
-                        self.anatomy(xi.reshape(xi.shape[1], -1).T).split(list(self.cfg.anatomy_classes), 1)]
+                        self._anatomy_logits(xi.reshape(xi.shape[1], -1).T).split(list(self.cfg.anatomy_classes), 1)]
                 prob = self._union(prob, logp, phi[i])
                 if anatomy:
                     anat.append((logp, plan[0].shapes[i], plan[0].affines[i]))
@@ -426,6 +428,12 @@ class VisionNet(nn.Module):
                 prob = resample(prob, plan[0].affines[i], shape, aff)
             outs.append(prob[0, 0])
         return (outs, anat) if anatomy else outs
+
+    def _anatomy_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The anatomy heads' logits ``(voxels, Σ K)`` of top-level features ``(voxels, c[0])``: the
+        linear map, plus the residual MLP when the design has one (``VisionConfig.anatomy_hidden``)."""
+        out = self.anatomy(feats)
+        return out if self.anatomy_mlp is None else out + self.anatomy_mlp(feats)
 
     def _union(self, prob: torch.Tensor, logp: list, phi: torch.Tensor) -> torch.Tensor:
         """The free mask ``prob`` (1, 1, X, Y, Z) or'ed with the φ-selected anatomy classes
@@ -441,25 +449,40 @@ class VisionNet(nn.Module):
             keep = keep * (1 - (lp.exp() @ s).clamp(0, 1))
         return (1 - keep).reshape(prob.shape)
 
-    def grow_anatomy(self, sizes: Sequence[int]) -> None:
+    def grow_anatomy(self, sizes: Sequence[int], hidden: int | None = None) -> None:
         """Extends the anatomy heads to the partitions ``sizes``, of which the current ones are a
         prefix (``VisionConfig.anatomy_classes``): trained rows are kept, new partitions start fresh
-        (their selection bias at −4, so they select nothing at first)."""
+        (their selection bias at −4, so they select nothing at first).
+
+        ``hidden`` (> 0) gives heads that have no residual MLP one of that width
+        (``VisionConfig.anatomy_hidden``); its output layer starts at zero, so the grown network's
+        outputs are the trained network's. A trained MLP is kept (its new rows start at zero)."""
         old, sizes = tuple(self.cfg.anatomy_classes), tuple(int(k) for k in sizes)
         if not old or sizes[:len(old)] != old:
             raise ValueError(f"anatomy partitions {old} are not a prefix of {sizes}")
-        if sizes == old:
-            return
         n = sum(old)
-        anatomy = nn.Linear(self.anatomy.in_features, sum(sizes)).to(self.anatomy.weight)
-        select = nn.Linear(self.select.in_features, sum(sizes)).to(self.select.weight)
-        nn.init.constant_(select.bias, -4.0)
-        with torch.no_grad():
-            for new, cur in ((anatomy, self.anatomy), (select, self.select)):
-                new.weight[:n] = cur.weight
-                new.bias[:n] = cur.bias
-        self.anatomy, self.select = anatomy, select
-        self.cfg = replace(self.cfg, anatomy_classes=sizes)
+        if sizes != old:
+            anatomy = nn.Linear(self.anatomy.in_features, sum(sizes)).to(self.anatomy.weight)
+            select = nn.Linear(self.select.in_features, sum(sizes)).to(self.select.weight)
+            nn.init.constant_(select.bias, -4.0)
+            with torch.no_grad():
+                for new, cur in ((anatomy, self.anatomy), (select, self.select)):
+                    new.weight[:n] = cur.weight
+                    new.bias[:n] = cur.bias
+            self.anatomy, self.select = anatomy, select
+            if self.anatomy_mlp is not None:
+                cur = self.anatomy_mlp[2]
+                out = nn.Linear(cur.in_features, sum(sizes)).to(cur.weight)
+                with torch.no_grad():
+                    nn.init.zeros_(out.weight)
+                    nn.init.zeros_(out.bias)
+                    out.weight[:n] = cur.weight
+                    out.bias[:n] = cur.bias
+                self.anatomy_mlp[2] = out
+            self.cfg = replace(self.cfg, anatomy_classes=sizes)
+        if hidden and self.anatomy_mlp is None:
+            self.anatomy_mlp = _residual_mlp(self.anatomy.in_features, hidden, sum(sizes)).to(self.anatomy.weight)
+            self.cfg = replace(self.cfg, anatomy_hidden=int(hidden))
 
     def encode(self, volumes: Sequence, phi: torch.Tensor) -> torch.Tensor:
         """ε ``(n, b)``: encoder → global max-pool → linear, one row per volume."""
@@ -582,6 +605,17 @@ def _interact_slab(attn: CrossVolumeAttention, lv: _Level, x0: int, x1: int, phi
               for x, g in zip(xs, lv.to_shared)]
     h = attn(torch.stack([s.reshape(c, -1).T for s in shared], 1), phi, lv.valid[x0 * Y * Z:x1 * Y * Z])
     return tuple(h[:, i].T.reshape(1, c, x1 - x0, Y, Z) for i in range(len(xs)))
+
+
+def _residual_mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    """The anatomy heads' per-voxel MLP ``cin → hidden → cout`` (SiLU), added to their linear map; its
+    output layer starts at zero, so adding it leaves a trained network's outputs unchanged. On one
+    synthetic volume a 64-wide one takes the heads' class-Dice loss from 0.945 to 0.54 in 80 Adam
+    steps, the linear map alone to 0.71 (session 10, docs/model.md)."""
+    mlp = nn.Sequential(nn.Linear(cin, hidden), nn.SiLU(), nn.Linear(hidden, cout))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
 
 
 def normalize_intensity(x: torch.Tensor, lo: float = 0.005, hi: float = 0.995) -> torch.Tensor:

@@ -36,7 +36,8 @@ the heads' cross-entropy against each subject's anatomy (voxelprompt/anatomy_cla
 ``--reinit-vision`` the fresh vision network takes ``--config`` 's design, so a new network can
 be trained under a language model that already writes the programs. ``--grow-heads`` instead keeps
 the trained network and extends its anatomy heads to ``--config`` 's partitions (new partitions,
-e.g. the lesion ones, start fresh; :meth:`VisionNet.grow_anatomy`).
+e.g. the lesion ones, start fresh) and gives them ``--config`` 's residual MLP if they have none
+(``VisionConfig.anatomy_hidden``; it starts at zero: :meth:`VisionNet.grow_anatomy`).
 
 ``--vision-prob p`` runs the segment calls (the Dice term) on a random share p of the examples
 only; the others give the language model a CE-only step (``encode`` calls still run). On two
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model, e.g. when the vision weights are saturated (every output ~0) and cannot recover")
     vision_init.add_argument("--grow-heads", action="store_true",
                    help="with --init: keep the trained vision network and extend its anatomy heads to --config's "
-                        "partitions (the trained ones must be a prefix), e.g. to add the lesion partitions")
+                        "partitions (the trained ones must be a prefix), e.g. to add the lesion partitions, "
+                        "and give them --config's residual MLP (anatomy_hidden) if they have none")
     p.add_argument("--bce-max-ratio", type=float, default=None, metavar="R",
                    help="mask BCE: a target voxel weighs at most R background voxels (ModelConfig.bce_max_ratio; "
                         "0 = fully balanced; default: the config's or the loaded weights')")
@@ -290,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                 if hasattr(mod, "reset_parameters"):
                     mod.reset_parameters()
         elif args.grow_heads:
-            sizes = get_config(args.config).vision.anatomy_classes
+            want = get_config(args.config).vision
             try:
-                model.vision.grow_anatomy(sizes)
+                model.vision.grow_anatomy(want.anatomy_classes, hidden=want.anatomy_hidden)
             except ValueError as e:
                 print(f"error: --grow-heads: {e}", file=sys.stderr)
                 return 2
