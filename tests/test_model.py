@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import voxel_lib as vl
 from task_templates.example import Example, Step, VisionCall, VolumeInfo
 from voxelprompt.configs import get_config
-from voxelprompt.model import (VisionNet, VoxelPrompt, pool_factors, pyramid, resample,
+from voxelprompt.model import (VisionNet, VoxelPrompt, _target_on, pool_factors, pyramid, resample,
                                sampling_grid, shared_grid)
 from voxelprompt.sequence import IGNORE, build_sequence, header_ids, output_ids
 from voxelprompt.tokenizer import RECORD_SEP, Tokenizer, corpus_texts
@@ -629,6 +630,53 @@ def test_vision_loss_trains_phi_head_and_vision_not_the_language_model(tok):
         o.total.backward()
         opt.step()
     assert float(o.anatomy) < 0.5 * first                          # the dense heads fit the labels
+
+
+def test_training_crop_cuts_every_volume_to_one_slab_keeping_left_right():
+    """training_crop: one world slab (size along y and z, all of x) for every volume, oblique ones
+    included; centred on the target when asked; the full volumes when the slab misses one."""
+    import random
+
+    from voxelprompt.model import training_crop
+    ex = _example()
+    t1, flair = (v.volume for v in ex.volumes)
+    truth = ex.vision_calls[0].targets[0]
+    grid = vl.Volume(torch.rand(12, 14, 10), vl.ras_grid((12, 14, 10), (2.0, 2.0, 2.0), (0, 0, 0)))
+    for seed in range(4):
+        c0, c1, c2 = training_crop([grid, t1, flair], [truth], 10.0, random.Random(seed), target_prob=1.0)
+        assert c0.shape[0] == grid.shape[0] and 5 <= c0.shape[1] <= 6 and 5 <= c0.shape[2] <= 6   # 10 mm of 2 mm
+        off = np.rint(grid.world_to_voxel(np.array([c0.origin]))[0]).astype(int)
+        assert off[0] == 0 and torch.equal(c0.tensor, grid.tensor[:, :, off[1]:off[1] + c0.shape[1],
+                                                                  off[2]:off[2] + c0.shape[2]])
+        assert bool(_target_on(truth, c0.shape, c0.affine).gt(0.5).any())       # centred on the target
+        # the oblique T1 and FLAIR keep every voxel of the slab (here: of the axis-aligned crop's span)
+        w = c0.world_coordinates()
+        lo, hi, zlo, zhi = w[1].min(), w[1].max(), w[2].min(), w[2].max()
+        inside = lambda x: int(((x[1] >= lo) & (x[1] <= hi) & (x[2] >= zlo) & (x[2] <= zhi)).sum())  # noqa: E731
+        for full, cut in ((t1, c1), (flair, c2)):
+            assert inside(cut.world_coordinates()) == inside(full.world_coordinates()) > 0
+            assert cut.tensor.numel() < full.tensor.numel()
+    far = vl.Volume(torch.rand(6, 6, 6), vl.ras_grid((6, 6, 6), (2.0, 2.0, 2.0), (0, 500, 0)))
+    vols = [t1, far]
+    assert all(a is b for a, b in zip(training_crop(vols, [truth], 10.0, random.Random(0), target_prob=1.0), vols))
+
+
+def test_vision_loss_on_crops_trains_the_heads_on_the_crop(tok, monkeypatch):
+    """vision_loss(crop_mm=...): the network sees the crop, the mask and anatomy losses are scored
+    on it, and the gradients reach the heads."""
+    m = _model(tok)
+    seq = build_sequence(_example_with_anatomy(), tok)
+    shapes = []
+    forward = VisionNet.forward
+    monkeypatch.setattr(VisionNet, "forward",
+                        lambda self, vols, phi, anatomy=False: shapes.append([v.shape for v in vols])
+                        or forward(self, vols, phi, anatomy))
+    out = m.vision_loss([seq], crop_mm=8.0)
+    (t1s, fls), = shapes
+    assert t1s[0] == 12 and t1s[1] <= 5 and t1s[2] <= 5 and fls != (11, 12, 5)
+    assert out.n_masks == 1 and out.anatomy is not None and math.isfinite(float(out.total))
+    out.total.backward()
+    assert float(m.vision.anatomy.weight.grad.abs().sum()) > 0
 
 
 def test_anatomy_loss_teaches_the_selection_the_classes_a_target_covers(tok):

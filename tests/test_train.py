@@ -216,6 +216,28 @@ def test_vision_stage_trains_the_vision_network_under_a_frozen_language_model(ru
     assert png.stat().st_size > 10_000
 
 
+def test_vision_stage_on_crops(run, tmp_path, monkeypatch):
+    """--crop-mm: the vision stage's segment calls run on crops (smaller grids than validation's
+    whole volumes); other stages and a size ≤ 0 are refused."""
+    from voxelprompt.model import VisionNet
+    shapes = []
+    forward = VisionNet.forward
+
+    def spy(self, volumes, phi, anatomy=False):
+        shapes.append((self.training, [tuple(v.shape) for v in volumes]))
+        return forward(self, volumes, phi, anatomy)
+    monkeypatch.setattr(VisionNet, "forward", spy)
+    out = tmp_path / "crop"
+    w0, w1 = _stage_from(run, out, "--stage", "vision", "--batch", "2", "--max-steps", "2", "--crop-mm", "30")
+    assert not torch.equal(w0["vision.anatomy.weight"], w1["vision.anatomy.weight"])
+    assert json.loads((out / "run.json").read_text())["args"]["crop_mm"] == 30.0
+    voxels = {t: [math.prod(s) for tt, vs in shapes if tt == t for s in vs] for t in (True, False)}
+    assert voxels[True] and voxels[False]          # 30 mm of ~150-200 mm heads along two axes
+    assert sum(voxels[True]) / len(voxels[True]) < 0.5 * sum(voxels[False]) / len(voxels[False])
+    for bad in (["--stage", "lm", "--crop-mm", "30"], ["--stage", "vision", "--crop-mm", "0"]):
+        assert train.main(["--out", str(tmp_path / "bad"), *bad, "--max-steps", "1", *ARGS]) == 2
+
+
 def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tmp_path):
     """--grow-heads: weights with the three anatomy partitions gain the lesion ones; the vision
     stage then trains all five. A config whose partitions do not extend the weights' is refused."""

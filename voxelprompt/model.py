@@ -57,6 +57,7 @@ from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the model is built from a config: never touch a hub
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -794,12 +795,14 @@ class VoxelPrompt(nn.Module):
                 self._selection_losses(s, h[i], s.mod_positions.to(dev), sels, rois)
         return self._total(ce, dices, bces, int(keep.sum()), anat, sels)
 
-    def vision_loss(self, seqs: Sequence[TokenSequence], rois: re.Pattern | None = None) -> LossOutput:
+    def vision_loss(self, seqs: Sequence[TokenSequence], rois: re.Pattern | None = None,
+                    crop_mm: float | None = None) -> LossOutput:
         """The mask loss of the segment calls alone, the language model frozen (the ``vision`` stage).
 
         The batched language-model pass runs without gradients; φ's head and the vision network
         train on soft Dice + w · BCE (+ w_a · the anatomy heads' cross-entropy). ``total`` is that
-        mask loss (no λ, no CE: ``ce`` is 0).
+        mask loss (no λ, no CE: ``ce`` is 0). ``crop_mm``: each call on a random crop of its
+        volumes (:func:`training_crop`), a cheaper step.
         """
         dev = self.lm.head.weight.device
         ids, _ = self._padded(seqs)
@@ -807,14 +810,14 @@ class VoxelPrompt(nn.Module):
             h = self.lm(self.lm.embed(ids))
         dices, bces, anat, sels = [], [], [], []
         for i, s in enumerate(seqs):
-            self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat, sels)
+            self._mask_losses(s, h[i], s.mod_positions.to(dev), dices, bces, rois, anat, sels, crop_mm)
         out = self._total(h.new_zeros(()), dices, bces, 0, anat, sels)
         out.total = out.total / max(self.config.dice_weight, 1e-12)     # λ · mask → mask
         return out
 
     def segment_predictions(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
                             rois: re.Pattern | None = None, anatomy: list | None = None,
-                            selections: list | None = None):
+                            selections: list | None = None, crop_mm: float | None = None):
         """Yields ``(call, predicted probabilities, truth)`` per session target of ``seq`` 's segment calls.
 
         φ is read from the hidden states ``h`` ``(L, b)`` at the call's ``<MOD>`` s (``mods``: the
@@ -823,13 +826,17 @@ class VoxelPrompt(nn.Module):
         with anatomy heads and a sequence that carries its subject's anatomy
         (``TokenSequence.anatomy``), each call appends the heads' losses on its volumes
         (``(CE, Dice)``, :meth:`_anatomy_loss`); with a list ``selections``, the BCE of φ's class
-        selection (:meth:`_selection_loss`) of each call whose volumes have anatomy truth.
+        selection (:meth:`_selection_loss`) of each call whose volumes have anatomy truth. With
+        ``crop_mm`` each call's volumes are cut to one world box first (:func:`training_crop`): the
+        masks, targets and anatomy truth are then those of the crop.
         """
         heads = anatomy is not None and self.vision.anatomy is not None and bool(seq.anatomy)
         for call in seq.calls:
             if call.kind != "segment" or not call.targets or (rois is not None and not rois.search(call.roi)):
                 continue
             vols, sessions = self._call_inputs(seq, call)
+            if crop_mm:
+                vols = training_crop(vols, call.targets, crop_mm)
             phi = self.lm.phi_head(h[mods[call.mods]])
             if selections is not None and self.vision.select is not None and seq.anatomy:
                 sel = self._selection_loss(seq, call, phi, sessions)
@@ -975,10 +982,12 @@ class VoxelPrompt(nn.Module):
 
     def _mask_losses(self, seq: TokenSequence, h: torch.Tensor, mods: torch.Tensor,
                      dices: list, bces: list, rois: re.Pattern | None = None,
-                     anatomy: list | None = None, selections: list | None = None) -> None:
+                     anatomy: list | None = None, selections: list | None = None,
+                     crop_mm: float | None = None) -> None:
         """Appends the soft-Dice and BCE losses of ``seq`` 's segment calls, φ read from ``h`` ``(L, b)``
-        (and the anatomy heads' losses to ``anatomy``, the selection's to ``selections``)."""
-        for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy, selections):
+        (and the anatomy heads' losses to ``anatomy``, the selection's to ``selections``; ``crop_mm``:
+        on random crops, :func:`training_crop`)."""
+        for _, pred, t in self.segment_predictions(seq, h, mods, rois, anatomy, selections, crop_mm):
             dices.append(soft_dice_loss(pred, t))
             bces.append(balanced_bce(pred, t, max_ratio=self.config.bce_max_ratio))
 
@@ -1043,6 +1052,53 @@ class VoxelPrompt(nn.Module):
         else:
             self._selection_losses(seq, h, mods, sels, rois)
         return self._total(ce, dices, bces, int((labels != IGNORE).sum()), anat, sels)
+
+
+def training_crop(volumes: Sequence, targets: Sequence, size_mm: float, rng=None,
+                  target_prob: float = 0.5) -> list:
+    """A segment call's volumes cut to one world box, for a cheaper training step.
+
+    The box spans the whole left–right extent (world x: a crop that lost the midline could not
+    tell a left structure from its mirror image) and ``size_mm`` along y and z (posterior–anterior,
+    inferior–superior), centred at a random voxel of a random non-empty target with probability
+    ``target_prob`` (nnU-Net's foreground oversampling), else at a uniform point of the first
+    volume's field of view. Every volume, oblique ones too, is cut to the bounding box of its voxels
+    inside that slab (``Volume.crop``: the affines follow), so the volumes of a call overlap as
+    they did; if the slab misses one of them the call keeps its full volumes.
+
+    Args:
+        volumes: the call's ``voxel_lib.Volume`` s.
+        targets: its truth masks (``Volume`` s, any grid).
+        size_mm: edge of the box along y and z, in mm.
+        rng: a ``random.Random`` (default: the ``random`` module, which training seeds and checkpoints).
+    """
+    import random as _random
+
+    from voxel_lib import GeometryError
+    rng = rng or _random
+    full = [t for t in targets if t is not None and bool((t.tensor[:1] > 0.5).any())]
+    if full and rng.random() < target_prob:
+        t = full[rng.randrange(len(full))]
+        idx = torch.nonzero(t.tensor[0] > 0.5)
+        centre = t.voxel_to_world(idx[rng.randrange(len(idx))].numpy().astype(float))
+    else:
+        v = volumes[0]
+        corners = v.voxel_to_world(np.array([[i, j, k] for i in (0, v.shape[0] - 1)
+                                             for j in (0, v.shape[1] - 1) for k in (0, v.shape[2] - 1)], float))
+        lo, hi = corners.min(0), corners.max(0)
+        centre = np.array([rng.uniform(lo[a], hi[a]) for a in range(3)])
+    half = size_mm / 2.0
+    out = []
+    for v in volumes:               # the voxels whose centres lie in the slab, for any orientation
+        w = v.world_coordinates()
+        inside = ((w[1] - centre[1]).abs() <= half) & ((w[2] - centre[2]).abs() <= half)
+        if not inside.any():
+            return list(volumes)
+        try:
+            out.append(v.crop(v.new(inside[None].to(torch.uint8), kind="label")))
+        except GeometryError:
+            return list(volumes)
+    return out
 
 
 def _target_on(target, shape, affine) -> torch.Tensor:

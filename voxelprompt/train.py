@@ -39,6 +39,10 @@ the trained network and extends its anatomy heads to ``--config`` 's partitions 
 e.g. the lesion ones, start fresh) and gives them ``--config`` 's residual MLP if they have none
 (``VisionConfig.anatomy_hidden``; it starts at zero: :meth:`VisionNet.grow_anatomy`).
 
+``--crop-mm MM`` (vision stage) runs each segment call on a random crop of its volumes: MM along y
+and z, the whole left-right extent, centred on the target half of the time
+(:func:`voxelprompt.model.training_crop`); validation stays on whole volumes.
+
 ``--vision-prob p`` runs the segment calls (the Dice term) on a random share p of the examples
 only; the others give the language model a CE-only step (``encode`` calls still run). On two
 CPU cores the vision network costs ~20x the language model per example, so p = 0.3 lets the
@@ -224,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-rois", default=None, metavar="REGEX",
                    help="lm stage: run only the segment calls whose ROI matches, e.g. '^(lesion|absent)' "
                         "(lesions are learnt from far fewer calls than 100+ anatomical structures)")
+    p.add_argument("--crop-mm", type=float, default=None, metavar="MM",
+                   help="vision stage: each segment call on a random crop of its volumes, MM along the "
+                        "anterior-posterior and inferior-superior axes, the whole left-right extent "
+                        "(model.training_crop; validation stays on whole volumes)")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: in-process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision_prob is None:
         args.vision_prob = 0.0 if args.stage == "lm" else 1.0
     rois = re.compile(args.vision_rois) if args.vision_rois else None
+    if args.crop_mm is not None and (args.stage != "vision" or args.crop_mm <= 0):
+        print(f"error: --crop-mm {args.crop_mm}: needs --stage vision and a size > 0 mm", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     from .model import VoxelPrompt
@@ -409,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     seqs = pending.pop()
                     seg = args.vision_prob >= 1.0 or random.random() < args.vision_prob
                     with _autocast(device):
-                        o = (model.vision_loss(seqs, rois=rois) if args.stage == "vision"
+                        o = (model.vision_loss(seqs, rois=rois, crop_mm=args.crop_mm) if args.stage == "vision"
                              else model.lm_loss(seqs, segment=seg, rois=rois))
                     if o.total.requires_grad:
                         o.total.backward()
