@@ -531,6 +531,8 @@ def test_residual_anatomy_mlp_starts_at_zero_trains_and_round_trips(tok, tmp_pat
         (mask0,), ((lp0, _, _),) = net([v], phi, anatomy=True)
     net.grow_anatomy(SIZES[:3], hidden=12)
     assert net.cfg.anatomy_hidden == 12 and net.anatomy_mlp[0].out_features == 12
+    fresh = VisionNet(net.cfg, m.config.lm.hidden, m.config.lm.phi_dim)   # the same parameter order
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in fresh.named_parameters()]
     (mask1,), ((lp1, _, _),) = net([v], phi, anatomy=True)
     assert float((mask1 - mask0).detach().abs().max()) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(lp0, lp1))

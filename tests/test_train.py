@@ -270,6 +270,39 @@ def test_grow_heads_extends_a_trained_network_with_the_lesion_partitions(run, tm
     assert g2.config.vision.anatomy_hidden == get_config("cpu").vision.anatomy_hidden > 0
     assert g2.vision.anatomy_mlp[2].weight.abs().max() > 0         # one step from zero
     assert g2.config.vision.channels == g.config.vision.channels     # the trained network, not the cpu one
+    assert train.main(["--out", str(mlp), "--resume", "--stage", "vision", "--batch", "2", "--max-steps", "2",
+                       *ARGS, "--config", "cpu"]) == 0      # the grown network resumes
+    assert [r["step"] for r in _records(mlp) if r["kind"] == "train"] == [1, 2]
+
+
+def test_optimizer_state_follows_parameters_by_name():
+    """remap_optimizer_state: Adam moments saved for one registration order land on the same
+    parameters in another; a parameter new since the save starts fresh."""
+    class Net(torch.nn.Module):
+        def __init__(self, order):
+            super().__init__()
+            for name in order:
+                setattr(self, name, torch.nn.Linear(3, {"a": 2, "b": 4, "c": 5}[name]))
+
+    def adam(net):
+        return torch.optim.Adam([p for _, p in net.named_parameters()], lr=0.1)
+    first = Net("ab")
+    opt = adam(first)
+    sum(p.sum() * (i + 1) for i, p in enumerate(first.parameters())).backward()
+    opt.step()
+    names = [n for n, _ in first.named_parameters()]
+    second = Net("cba")
+    second.load_state_dict(first.state_dict(), strict=False)
+    opt2 = adam(second)
+    osd = train.remap_optimizer_state(opt.state_dict(), names, [n for n, _ in second.named_parameters()])
+    osd["param_groups"] = opt2.state_dict()["param_groups"]
+    opt2.load_state_dict(osd)
+    saved = dict(zip(names, opt.state_dict()["state"].values()))
+    for i, (n, p) in enumerate(second.named_parameters()):
+        if n.startswith("c."):
+            assert p not in opt2.state or not opt2.state[p]
+        else:
+            assert torch.equal(opt2.state[p]["exp_avg"], saved[n]["exp_avg"])
 
 
 def test_bce_max_ratio_flag_reaches_the_saved_config(run, tmp_path):

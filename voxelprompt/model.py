@@ -482,7 +482,10 @@ class VisionNet(nn.Module):
                 self.anatomy_mlp[2] = out
             self.cfg = replace(self.cfg, anatomy_classes=sizes)
         if hidden and self.anatomy_mlp is None:
+            select = self.select            # registered after the MLP, as a fresh network of this design
+            del self.select
             self.anatomy_mlp = _residual_mlp(self.anatomy.in_features, hidden, sum(sizes)).to(self.anatomy.weight)
+            self.select = select
             self.cfg = replace(self.cfg, anatomy_hidden=int(hidden))
 
     def encode(self, volumes: Sequence, phi: torch.Tensor) -> torch.Tensor:

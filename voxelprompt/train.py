@@ -163,6 +163,26 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
+def param_names(model) -> list[str]:
+    """The parameters' names in the optimizer's flat order (language model, then vision network)."""
+    return ([f"lm.{n}" for n, _ in model.lm.named_parameters()]
+            + [f"vision.{n}" for n, _ in model.vision.named_parameters()])
+
+
+def remap_optimizer_state(osd: dict, saved: list[str], current: list[str]) -> dict:
+    """An optimizer state dict saved for parameters ``saved`` (names, flat order) re-indexed for
+    ``current``: the moments follow their parameter by name, so a network whose modules were
+    registered in another order (e.g. grown heads) resumes with the right state; parameters new
+    since the save start fresh."""
+    where = {n: i for i, n in enumerate(saved)}
+    state = {}
+    for i, n in enumerate(current):
+        j = where.get(n)
+        if j is not None and j in osd["state"]:
+            state[i] = osd["state"][j]
+    return {**osd, "state": state}
+
+
 def save_checkpoint(out: Path, model, opt, state: dict) -> None:
     """Writes ``out/ckpt`` atomically: files go to ``ckpt.tmp``, then the directories are swapped."""
     from .checkpoint import save_model
@@ -171,7 +191,8 @@ def save_checkpoint(out: Path, model, opt, state: dict) -> None:
     tmp.mkdir(parents=True)
     save_model(model, tmp / "model.safetensors", info={"step": state["step"], "examples": state["examples"],
                                                        "wall_s": state["wall_s"]})
-    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state(), **state}, tmp / "state.pt")
+    torch.save({"optimizer": opt.state_dict(), "param_names": param_names(model), "rng": _rng_state(), **state},
+               tmp / "state.pt")
     shutil.rmtree(old, ignore_errors=True)
     if cur.exists():
         os.replace(cur, old)
@@ -342,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             cur = opt.state_dict()
             cur["state"] = osd["state"]
             osd = cur
+        if st.get("param_names") and st["param_names"] != param_names(model):
+            osd = remap_optimizer_state(osd, st["param_names"], param_names(model))
+            osd["param_groups"] = opt.state_dict()["param_groups"]
         opt.load_state_dict(osd)
         for g, m in zip(opt.param_groups, (1.0, args.vision_lr_mult)):
             g["mult"] = m
