@@ -545,7 +545,7 @@ def test_residual_anatomy_mlp_starts_at_zero_trains_and_round_trips(tok, tmp_pat
         (_,), ((lp3, _, _),) = net([v], phi, anatomy=True)
     assert net.anatomy_mlp[2].out_features == sum(SIZES) and [x.shape[1] for x in lp3] == list(SIZES)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lp2, lp3[:3]))
-    assert float(net.anatomy_mlp[2].weight[sum(SIZES[:3]):].abs().max()) == 0.0
+    assert float(net.anatomy_mlp[2].weight.detach()[sum(SIZES[:3]):].abs().max()) == 0.0
     m.config = dataclasses.replace(m.config, vision=net.cfg)
     w = checkpoint.save_model(m, tmp_path / "mlp" / "model.safetensors")
     back = checkpoint.load_model(w)
@@ -666,6 +666,8 @@ def test_training_crop_cuts_every_volume_to_one_slab_keeping_left_right():
 def test_vision_loss_on_crops_trains_the_heads_on_the_crop(tok, monkeypatch):
     """vision_loss(crop_mm=...): the network sees the crop, the mask and anatomy losses are scored
     on it, and the gradients reach the heads."""
+    import random
+    random.seed(0)                          # training_crop draws from the random module
     m = _model(tok)
     seq = build_sequence(_example_with_anatomy(), tok)
     shapes = []
@@ -674,9 +676,10 @@ def test_vision_loss_on_crops_trains_the_heads_on_the_crop(tok, monkeypatch):
                         lambda self, vols, phi, anatomy=False: shapes.append([v.shape for v in vols])
                         or forward(self, vols, phi, anatomy))
     out = m.vision_loss([seq], crop_mm=8.0)
-    (t1s, fls), = shapes
-    assert t1s[0] == 12 and t1s[1] <= 5 and t1s[2] <= 5 and fls != (11, 12, 5)
-    assert out.n_masks == 1 and out.anatomy is not None and math.isfinite(float(out.total))
+    (t1s, fls), = shapes                    # T1 12 x 14 x 10 at 2 mm, 8° oblique; FLAIR 11 x 12 x 5
+    assert t1s[0] == 12 and t1s[1] < 14 and t1s[2] < 10 and math.prod(t1s) < 1680 / 2
+    assert math.prod(fls) < 11 * 12 * 5
+    assert out.n_masks == 1 and out.anatomy is not None and math.isfinite(float(out.total.detach()))
     out.total.backward()
     assert float(m.vision.anatomy.weight.grad.abs().sum()) > 0
 
